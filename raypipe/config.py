@@ -1,0 +1,300 @@
+"""Run configuration: typed dataclasses, YAML loading, `--set` overrides and validation.
+
+The dataclass defaults *are* the embedded default run (`configs/default.yaml` spells them out).
+Every error names the file or flag, the dotted key, the value and what would be right.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is wrong; the message says which and what is expected."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/embedded"
+    # "embedded": the project's own story corpus, generated and tokenized into `dir` when missing.
+    # "prepared": `dir` must already hold train.bin / val.bin / meta.json (python -m raypipe.prepare).
+    source: str = "embedded"
+    num_stories: int = 12000  # embedded corpus size (about 4 MB of text)
+    tokenizer_vocab: int = 512  # byte-level BPE trained on the embedded corpus
+    val_fraction: float = 0.05
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    """Gemma 3 style decoder. Defaults: a tiny model that trains on 2 CPU cores in minutes."""
+
+    vocab_size: Optional[int] = None  # None: taken from the data's meta.json
+    n_layer: int = 6
+    n_embd: int = 128
+    n_head: int = 4
+    n_kv_head: int = 1
+    head_dim: int = 32
+    mlp_hidden: int = 512
+    sliding_window: int = 64
+    global_every: int = 6  # every 6th layer attends globally: 5 sliding : 1 global
+    rope_local_base: float = 10_000.0
+    rope_global_base: float = 1_000_000.0
+    query_pre_attn_scalar: Optional[float] = None  # None: head_dim (Gemma 3 270M uses 256 = head_dim)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    """All step counts are optimizer steps (one step = grad_accum_steps micro-batches per worker)."""
+
+    block_size: int = 128
+    batch_size: int = 16  # micro-batch, sequences per worker
+    grad_accum_steps: int = 2
+    max_steps: int = 250
+    warmup_steps: int = 20
+    learning_rate: float = 3e-3  # peak, reached at the end of warmup (warmup starts at 0)
+    min_lr: float = 3e-4  # cosine decays to this at max_steps; must not exceed learning_rate
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+    eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
+    eval_batches: int = 8  # batches per split in estimate_loss
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)
+    compile: bool = False
+    seed: int = 1337
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 2
+    gpus_per_worker: float = 1  # only with use_gpu
+    storage_path: str = "runs"  # local path, shared filesystem or URI (s3://, gs://)
+    name: Optional[str] = None  # None: "<config name>-<timestamp>"
+    checkpoints_to_keep: int = 2  # best by val_loss
+    max_failures: int = 0
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
+    project: str = "raypipe"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, origin: str = "config") -> "Config":
+        cfg = cls()
+        _merge(cfg, d, origin, prefix="")
+        validate(cfg, origin)
+        return cfg
+
+
+# --- YAML -----------------------------------------------------------------------------------------
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4` and reads `1e-4` as a str)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {e}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then `--set key=value` overrides; then validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = parse_yaml(path.read_text(), str(path))
+        if raw is not None and not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+        _merge(cfg, raw or {}, str(path), prefix="")
+    for item in overrides:
+        apply_override(cfg, item)
+    validate(cfg, str(path) if path else "default config")
+    return cfg
+
+
+def apply_override(cfg: Config, item: str) -> None:
+    """Apply one `dotted.key=value`; the value is read as YAML (so `1e-4`, `true`, `[a, b]` work)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.learning_rate=1e-3")
+    origin = f"--set {item}"
+    *parents, leaf = key.strip().split(".")
+    nested: dict = {leaf: parse_yaml(value, origin) if value.strip() else None}
+    for p in reversed(parents):
+        nested = {p: nested}
+    _merge(cfg, nested, origin, prefix="")
+
+
+def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the config schema (used for suggestions and sweep validation)."""
+    obj = Config() if obj is None else obj
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _merge(obj: Any, raw: dict, origin: str, prefix: str) -> None:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{origin}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = typing.get_type_hints(type(obj))
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{origin}: unknown key '{dotted}'{_suggest(dotted)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value if value is not None else {}, origin, f"{dotted}.")
+        else:
+            setattr(obj, key, _coerce(value, hints[key], dotted, origin))
+
+
+def _suggest(dotted: str) -> str:
+    keys = all_keys()
+    leaf_matches = [k for k in keys if k.rsplit(".", 1)[-1] == dotted.rsplit(".", 1)[-1]]
+    close = leaf_matches or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(keys)}"
+
+
+def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    want = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif typing.get_origin(hint) is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+        want[hint] = "a list of strings"
+    else:  # pragma: no cover - a schema field of a type this function does not know
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    if not ok:
+        raise ConfigError(f"{origin}: '{key}' must be {want[hint]}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+# --- semantic checks --------------------------------------------------------------------------------
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+DATA_SOURCES = ("embedded", "prepared")
+
+
+def validate(cfg: Config, origin: str = "config") -> None:
+    def fail(key: str, value: Any, expected: str) -> None:
+        raise ConfigError(f"{origin}: '{key}' = {value!r}: {expected}")
+
+    def positive(section: Any, name: str, prefix: str, allow_zero: bool = False) -> None:
+        v = getattr(section, name)
+        if v < 0 or (v == 0 and not allow_zero):
+            fail(f"{prefix}.{name}", v, "must be " + ("zero or more" if allow_zero else "greater than 0"))
+
+    d, m, t, r, w = cfg.data, cfg.model, cfg.train, cfg.ray, cfg.wandb
+    if d.source not in DATA_SOURCES:
+        fail("data.source", d.source, f"expected one of {', '.join(DATA_SOURCES)}")
+    if not 0 < d.val_fraction < 1:
+        fail("data.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
+    for name in ("num_stories", "tokenizer_vocab"):
+        positive(d, name, "data")
+    if d.tokenizer_vocab < 257:
+        fail("data.tokenizer_vocab", d.tokenizer_vocab, "a byte-level BPE needs at least 257 tokens (256 bytes + end-of-text)")
+
+    for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "sliding_window", "global_every"):
+        positive(m, name, "model")
+    if m.vocab_size is not None:
+        positive(m, "vocab_size", "model")
+    if m.n_head % m.n_kv_head:
+        fail("model.n_kv_head", m.n_kv_head, f"must divide model.n_head ({m.n_head})")
+    if m.head_dim % 2:
+        fail("model.head_dim", m.head_dim, "must be even (rotary embeddings rotate pairs)")
+
+    for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches"):
+        positive(t, name, "train")
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr"):
+        positive(t, name, "train", allow_zero=True)
+    positive(t, "learning_rate", "train")
+    if t.min_lr > t.learning_rate:
+        fail("train.min_lr", t.min_lr, f"must not exceed train.learning_rate ({t.learning_rate}): "
+             "the cosine decay would raise the rate; the peak rate is learning_rate")
+    if t.warmup_steps > t.max_steps:
+        fail("train.warmup_steps", t.warmup_steps, f"must not exceed train.max_steps ({t.max_steps})")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
+    if t.dtype not in DTYPES:
+        fail("train.dtype", t.dtype, f"expected one of {', '.join(DTYPES)}")
+    if t.dtype == "float16" and not r.use_gpu:
+        fail("train.dtype", t.dtype, "float16 autocast needs a GPU (ray.use_gpu: true); use float32 or bfloat16 on CPU")
+
+    positive(r, "num_workers", "ray")
+    positive(r, "cpus_per_worker", "ray", allow_zero=True)
+    positive(r, "checkpoints_to_keep", "ray")
+    positive(r, "max_failures", "ray", allow_zero=True)
+    if r.use_gpu:
+        positive(r, "gpus_per_worker", "ray")
+    if w.mode not in WANDB_MODES:
+        fail("wandb.mode", w.mode, f"expected one of {', '.join(WANDB_MODES)}")

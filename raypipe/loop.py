@@ -1,0 +1,194 @@
+"""The per-worker training loop, plain PyTorch: read top to bottom like nanoGPT's train.py.
+
+Ray is not imported here. The entry point hands in a `WorkerEnv` (rank, world size, device, a
+`report` callback); under Ray Train the process group already exists and `report` calls
+`ray.train.report`, without Ray `report` just keeps the checkpoint on local disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from .checkpoint import save_checkpoint
+from .config import Config
+from .data import BatchSampler, read_meta
+from .model import GemmaLM
+from .optim import configure_optimizer, lr_at
+from .tracking import Tracker
+
+
+@dataclass
+class WorkerEnv:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    run_name: str = "raypipe"
+    out_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="raypipe-")))  # W&B files
+    # report(metrics, checkpoint_dir or None): called by every rank the same number of times.
+    report: Callable[[dict, Optional[Path]], None] = lambda metrics, checkpoint: None
+    log: Callable[[str], None] = print
+
+
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, name)
+
+
+def autocast_context(dtype: torch.dtype, device: torch.device):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: int, ctx,
+                     scaler: torch.amp.GradScaler) -> float:
+    """Accumulate gradients over `micro_steps` micro-batches; return their mean loss.
+
+    Each loss is divided by `micro_steps`, so the summed gradient is that of one batch
+    `micro_steps` times larger (and the clip norm means the same for any k). Under DDP only the
+    last micro-step all-reduces.
+    """
+    losses = []
+    for micro in range(micro_steps):
+        x, y = next_batch()
+        sync = micro == micro_steps - 1 or not isinstance(model, DDP)
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            with ctx:
+                _, loss = model(x, y)
+            scaler.scale(loss / micro_steps).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).float().mean().item()  # one host sync per optimizer step
+
+
+def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   max_norm: float) -> float:
+    """Clip the global gradient norm to `max_norm` (0: don't); return the norm before clipping."""
+    scaler.unscale_(optimizer)  # no-op unless float16; clipping must see the true gradients
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm)
+
+
+@torch.inference_mode()
+def estimate_loss(model: torch.nn.Module, eval_iters: int, ctx, batches: dict[str, Callable]) -> dict[str, float]:
+    """Mean loss over `eval_iters` batches of each split, in eval mode; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for split, next_batch in batches.items():
+        losses = torch.zeros(eval_iters)
+        for i in range(eval_iters):
+            x, y = next_batch()
+            with ctx:
+                _, loss = model(x, y)
+            losses[i] = loss.item()
+        out[split] = losses.mean().item()
+    model.train(was_training)
+    return out
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def train(cfg: Config, env: WorkerEnv) -> dict:
+    """Train for cfg.train.max_steps optimizer steps; return the summary (rank 0's is the run's)."""
+    t, device = cfg.train, env.device
+    data_dir = cfg.data.dir
+    meta = read_meta(data_dir)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = meta["vocab_size"]
+    master = env.rank == 0
+
+    # Model: same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+    torch.manual_seed(t.seed)
+    raw_model = GemmaLM(cfg.model).to(device)
+    model = torch.compile(raw_model) if t.compile else raw_model
+    if env.world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = configure_optimizer(raw_model, t, device.type)
+    dtype = autocast_dtype(t.dtype, device)
+    ctx = autocast_context(dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    # Data: every rank draws its own windows; eval uses a fixed stream, the same batches each time,
+    # so successive val losses differ by the model, not by the sample.
+    def sampler(split: str, stream: str) -> BatchSampler:
+        return BatchSampler(data_dir, split, t.block_size, t.batch_size, device, t.seed, env.rank, stream)
+
+    next_train_batch = sampler("train", "batches")
+    eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
+    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * env.world_size
+
+    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master)
+    if master:
+        env.log(f"[raypipe] {raw_model.num_params():,} parameters | {env.world_size} worker(s) on {device.type} | "
+                f"{dtype} | {tokens_per_step:,} tokens/step | {t.max_steps} steps = "
+                f"{tokens_per_step * t.max_steps:,} tokens | W&B {tracker.mode}")
+
+    history: list[dict] = []
+    train_time, start = 0.0, time.perf_counter()
+    step_loss = grad_norm = float("nan")
+    for step in range(1, t.max_steps + 1):
+        step_start = time.perf_counter()
+        lr = lr_at(step, t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        step_loss = forward_backward(model, next_train_batch, t.grad_accum_steps, ctx, scaler)
+        grad_norm = clip_gradients(raw_model, optimizer, scaler, t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_time += time.perf_counter() - step_start
+
+        if step % t.eval_interval == 0 or step == t.max_steps:
+            losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
+            metrics = {
+                "step": step, "tokens": step * tokens_per_step,
+                "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
+                "grad_norm": grad_norm, "step_loss": step_loss,
+                "tokens_per_sec": step * tokens_per_step / train_time, "elapsed_s": time.perf_counter() - start,
+            }
+            history.append(metrics)
+            tracker.log(metrics, step=step)
+            if master:
+                env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
+                        f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                        f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
+            with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
+                checkpoint = None
+                if master:
+                    state = {"step": step, "tokens": metrics["tokens"], "history": history,
+                             "wandb_run_id": tracker.run_id}
+                    checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state)
+                env.report(metrics, checkpoint)
+
+    tracker.finish()
+    if not all(math.isfinite(h["val_loss"]) for h in history):
+        env.log("[raypipe] warning: a non-finite loss was seen")
+    best = min(history, key=lambda h: h["val_loss"])
+    return {
+        "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
+        "final_train_loss": history[-1]["train_loss"], "steps": t.max_steps,
+        "tokens": t.max_steps * tokens_per_step, "tokens_per_sec": t.max_steps * tokens_per_step / train_time,
+        "train_time_s": train_time, "num_params": raw_model.num_params(), "world_size": env.world_size,
+        "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history,
+    }
