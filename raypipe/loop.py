@@ -160,6 +160,8 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         train_time += time.perf_counter() - step_start
 
         if step % t.eval_interval == 0 or step == t.max_steps:
+            for eval_sampler in eval_batches.values():
+                eval_sampler.reset()
             losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
             metrics = {
                 "step": step, "tokens": step * tokens_per_step,

@@ -129,8 +129,8 @@ def init_ray(cfg: Config) -> None:
     autoscaling = bool(os.environ.get("RAY_ADDRESS"))
     if not autoscaling and (need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0)):
         raise ConfigError(
-            f"ray: {cfg.ray.num_workers} worker(s) x (CPU {cfg.ray.cpus_per_worker}"
-            f"{f', GPU {cfg.ray.gpus_per_worker}' if cfg.ray.use_gpu else ''}) do not fit this machine "
+            f"ray: {cfg.ray.num_workers} worker(s) x (CPU {cfg.ray.cpus_per_worker:g}"
+            f"{f', GPU {cfg.ray.gpus_per_worker:g}' if cfg.ray.use_gpu else ''}) do not fit this machine "
             f"(CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g}); lower ray.num_workers or "
             "ray.cpus_per_worker, or set ray.use_gpu: false")
 

@@ -1,0 +1,74 @@
+from pathlib import Path
+
+import pytest
+
+from raypipe.config import Config, ConfigError, load_config
+from raypipe.train import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_yaml_is_the_embedded_default():
+    assert load_config(ROOT / "configs" / "default.yaml") == Config()
+
+
+def test_recipe_config_loads():
+    cfg = load_config(ROOT / "configs" / "gemma3-270m.yaml")
+    assert (cfg.train.learning_rate, cfg.train.min_lr) == (5e-4, 1e-4)
+    assert cfg.train.batch_size * cfg.train.grad_accum_steps == 1024
+    assert cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.train.block_size * cfg.train.max_steps >= 614_400_000
+
+
+def test_yaml_1e_minus_4_is_a_number(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-4\n  min_lr: 1e-5\n"))
+    assert cfg.train.learning_rate == 0.0001 and isinstance(cfg.train.learning_rate, float)
+    assert load_config(None, ["train.learning_rate=2E-3"]).train.learning_rate == 0.002
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rat: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.learning_rat'.*did you mean 'train.learning_rate'") as e:
+        load_config(path)
+    assert str(path) in str(e.value)
+    with pytest.raises(ConfigError, match=r"--set.*unknown key 'model.n_layers'.*'model.n_layer'"):
+        load_config(None, ["model.n_layers=4"])
+
+
+def test_wrong_type_names_key_and_value(tmp_path):
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be an integer, got 'sixteen'"):
+        load_config(write(tmp_path, "train:\n  batch_size: sixteen\n"))
+    with pytest.raises(ConfigError, match=r"'ray.use_gpu' must be true or false, got 1"):
+        load_config(None, ["ray.use_gpu=1"])
+
+
+def test_min_lr_above_learning_rate_is_refused():
+    with pytest.raises(ConfigError, match=r"'train.min_lr' = 0.0005.*must not exceed train.learning_rate \(0.0001\)"):
+        load_config(None, ["train.learning_rate=1e-4", "train.min_lr=5e-4"])
+
+
+def test_other_semantic_checks():
+    with pytest.raises(ConfigError, match="model.n_kv_head"):
+        load_config(None, ["model.n_head=4", "model.n_kv_head=3"])
+    with pytest.raises(ConfigError, match="float16 autocast needs a GPU"):
+        load_config(None, ["train.dtype=float16"])
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        load_config(None, ["train.learning_rate"])
+
+
+def test_cli_reports_config_errors(capsys):
+    assert main(["--set", "train.max_step=3", "--dry-run"]) == 2
+    assert "did you mean 'train.max_steps'" in capsys.readouterr().err
+
+
+def test_dry_run_of_the_recipe_prints_its_size(capsys):
+    assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters: 164,654,976 (output head untied" in out
+    assert "tokens per optimizer step: 131,072" in out
+    assert "token budget: 614,465,536" in out

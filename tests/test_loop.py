@@ -1,0 +1,88 @@
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from raypipe.checkpoint import load_model, load_state
+from raypipe.data import BatchSampler
+from raypipe.loop import WorkerEnv, clip_gradients, estimate_loss, forward_backward, train
+from raypipe.model import GemmaLM
+
+import contextlib
+
+
+def tiny_model(cfg):
+    cfg.model.vocab_size = 512
+    torch.manual_seed(0)
+    return GemmaLM(cfg.model)
+
+
+def test_accumulating_k_micro_batches_equals_one_big_batch(embedded_data, tmp_path):
+    cfg = tiny_config(embedded_data, tmp_path)
+    model = tiny_model(cfg)
+    sampler = BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=0)
+    micro = [sampler() for _ in range(4)]
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    it = iter(micro)
+    forward_backward(model, lambda: next(it), 4, contextlib.nullcontext(), scaler)
+    accumulated = [p.grad.clone() for p in model.parameters()]
+
+    big = copy.deepcopy(model)
+    big.zero_grad(set_to_none=True)
+    x = torch.cat([m[0] for m in micro])
+    y = torch.cat([m[1] for m in micro])
+    big(x, y)[1].backward()
+    for a, b in zip(accumulated, (p.grad for p in big.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_reported_grad_norm_is_the_norm_before_clipping(embedded_data, tmp_path):
+    cfg = tiny_config(embedded_data, tmp_path)
+    model = tiny_model(cfg)
+    x, y = BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=0)()
+    model(x, y)[1].backward()
+    before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    optimizer = torch.optim.AdamW(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    reported = clip_gradients(model, optimizer, scaler, max_norm=before / 10)
+    after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert reported == pytest.approx(before, rel=1e-5)
+    assert after == pytest.approx(before / 10, rel=1e-3)
+
+
+@pytest.mark.parametrize("start_training", [True, False])
+def test_estimate_loss_restores_the_mode(embedded_data, tmp_path, start_training):
+    cfg = tiny_config(embedded_data, tmp_path)
+    model = tiny_model(cfg).train(start_training)
+    seen = []
+    model.register_forward_pre_hook(lambda m, _: seen.append(m.training))
+    batches = {s: BatchSampler(embedded_data, s, 32, 2, "cpu", seed=0) for s in ("train", "val")}
+    losses = estimate_loss(model, 3, contextlib.nullcontext(), batches)
+    assert set(losses) == {"train", "val"} and all(v > 0 for v in losses.values())
+    assert seen == [False] * 6  # evaluated in eval mode
+    assert model.training is start_training
+
+
+def test_loop_without_ray_learns_and_checkpoints(embedded_data, tmp_path):
+    """The loop is plain PyTorch: it runs with a local report callback and no Ray at all."""
+    cfg = tiny_config(embedded_data, tmp_path)
+    cfg.wandb.mode = "disabled"
+    reports = []
+
+    def report(metrics, checkpoint):
+        kept = tmp_path / "kept" / checkpoint.name
+        kept.parent.mkdir(exist_ok=True)
+        checkpoint.rename(kept)
+        reports.append((metrics, kept))
+
+    summary = train(cfg, WorkerEnv(report=report, log=lambda _: None))
+    assert [m["step"] for m, _ in reports] == [10, 20, 30]
+    assert summary["final_val_loss"] < reports[0][0]["val_loss"] < 6.3  # ln(512) = 6.24 at init
+    final_metrics, final_dir = reports[-1]
+    assert load_state(final_dir)["step"] == 30
+    model = load_model(final_dir)
+    batches = {"val": BatchSampler(embedded_data, "val", 32, 8, "cpu", cfg.train.seed, stream="eval")}
+    val = estimate_loss(model, cfg.train.eval_batches, contextlib.nullcontext(), batches)["val"]
+    assert val == pytest.approx(final_metrics["val_loss"], rel=1e-5)  # same weights, same eval stream
