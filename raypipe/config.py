@@ -49,7 +49,7 @@ class ModelConfig:
     global_every: int = 6  # every 6th layer attends globally: 5 sliding : 1 global
     rope_local_base: float = 10_000.0
     rope_global_base: float = 1_000_000.0
-    query_pre_attn_scalar: Optional[float] = None  # None: head_dim (Gemma 3 270M uses 256 = head_dim)
+    query_pre_attn_scalar: Optional[int] = None  # None: head_dim (Gemma 3 270M uses 256 = head_dim)
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02

@@ -77,3 +77,19 @@ def test_more_workers_than_the_local_machine_has_is_refused_up_front(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "64 worker(s) x (CPU 2) do not fit this machine" in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_worker_with_wandb_disabled(ray_cluster, embedded_data, tmp_path):
+    from raypipe.train import resolve_config, parse_args, run
+
+    args = parse_args(["--set", f"data.dir={embedded_data}", "--set", "data.num_stories=3000",
+                       "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.mlp_hidden=64",
+                       "--set", "train.max_steps=6", "--set", "train.eval_interval=3", "--set", "train.eval_batches=2",
+                       "--set", "train.batch_size=4", "--set", "train.warmup_steps=1",
+                       "--set", "ray.cpus_per_worker=1", "--set", "wandb.mode=disabled",
+                       "--name", "one", "--storage-path", str(tmp_path)])
+    summary = run(resolve_config(args))
+    assert summary["world_size"] == 1 and summary["steps"] == 6 and summary["wandb_mode"] == "disabled"
+    assert summary["tokens"] == 6 * 4 * 128 * 2
+    assert not (tmp_path / "one" / "wandb").exists()
+    assert sorted(p.name for p in (tmp_path / "one").glob("checkpoint_0*")) == ["checkpoint_0000003", "checkpoint_0000006"]
