@@ -8,7 +8,6 @@ Ray is not imported here. The entry point hands in a `WorkerEnv` (rank, world si
 from __future__ import annotations
 
 import contextlib
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -145,47 +144,46 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     history: list[dict] = []
     train_time, start = 0.0, time.perf_counter()
     step_loss = grad_norm = float("nan")
-    for step in range(1, t.max_steps + 1):
-        step_start = time.perf_counter()
-        lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = forward_backward(model, next_train_batch, t.grad_accum_steps, ctx, scaler)
-        grad_norm = clip_gradients(raw_model, optimizer, scaler, t.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_time += time.perf_counter() - step_start
+    try:
+        for step in range(1, t.max_steps + 1):
+            step_start = time.perf_counter()
+            lr = lr_at(step, t)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_loss = forward_backward(model, next_train_batch, t.grad_accum_steps, ctx, scaler)
+            grad_norm = clip_gradients(raw_model, optimizer, scaler, t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_time += time.perf_counter() - step_start
 
-        if step % t.eval_interval == 0 or step == t.max_steps:
-            for eval_sampler in eval_batches.values():
-                eval_sampler.reset()
-            losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
-            metrics = {
-                "step": step, "tokens": step * tokens_per_step,
-                "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
-                "grad_norm": grad_norm, "step_loss": step_loss,
-                "tokens_per_sec": step * tokens_per_step / train_time, "elapsed_s": time.perf_counter() - start,
-            }
-            history.append(metrics)
-            tracker.log(metrics, step=step)
-            if master:
-                env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
-                        f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                        f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
-            with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
-                checkpoint = None
+            if step % t.eval_interval == 0 or step == t.max_steps:
+                for eval_sampler in eval_batches.values():
+                    eval_sampler.reset()
+                losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
+                metrics = {
+                    "step": step, "tokens": step * tokens_per_step,
+                    "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
+                    "grad_norm": grad_norm, "step_loss": step_loss,
+                    "tokens_per_sec": step * tokens_per_step / train_time, "elapsed_s": time.perf_counter() - start,
+                }
+                history.append(metrics)
+                tracker.log(metrics, step=step)
                 if master:
-                    state = {"step": step, "tokens": metrics["tokens"], "history": history,
-                             "wandb_run_id": tracker.run_id}
-                    checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state)
-                env.report(metrics, checkpoint)
-
-    tracker.finish()
-    if not all(math.isfinite(h["val_loss"]) for h in history):
-        env.log("[raypipe] warning: a non-finite loss was seen")
+                    env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
+                            f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                            f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
+                with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
+                    checkpoint = None
+                    if master:
+                        state = {"step": step, "tokens": metrics["tokens"], "history": history,
+                                 "wandb_run_id": tracker.run_id}
+                        checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state)
+                    env.report(metrics, checkpoint)
+    finally:
+        tracker.finish()  # also on errors: W&B keeps what was logged
     best = min(history, key=lambda h: h["val_loss"])
     return {
         "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],

@@ -34,7 +34,7 @@ class Tracker:
     def __init__(self, cfg: WandbConfig, run_name: str, config: dict, out_dir: str | Path,
                  enabled: bool = True, run_id: Optional[str] = None):
         self.mode = resolve_mode(cfg.mode) if enabled else "disabled"
-        self.run = None
+        self.run, self.run_id = None, None
         if self.mode == "disabled":
             return
         # The env var, not only init(mode=...): W&B's telemetry otherwise tries the network at exit.
@@ -49,14 +49,7 @@ class Tracker:
             id=run_id, resume="allow" if run_id else None,
             settings=wandb.Settings(silent=True, console="off"),
         )
-
-    @property
-    def run_id(self) -> Optional[str]:
-        return self.run.id if self.run else None
-
-    @property
-    def run_dir(self) -> Optional[str]:
-        return self.run.dir if self.run else None  # .../wandb/<offline-run-...>/files
+        self.run_id = self.run.id  # kept after finish(): summaries and checkpoints name the run
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run:

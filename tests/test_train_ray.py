@@ -59,6 +59,7 @@ def test_two_workers_train_report_and_checkpoint(ray_cluster, embedded_data, tmp
 
     # W&B (offline, rank 0 only): read back what it wrote, no mock.
     (wandb_run,) = offline_runs(str(run_dir))
+    assert wandb_run.endswith(summary["wandb_run_id"]) and summary["wandb_mode"] == "offline"
     rows = read_history(wandb_run)
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
     for row, h in zip(rows, history):
