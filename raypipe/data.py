@@ -50,11 +50,27 @@ def read_meta(data_dir: str | Path) -> dict:
     return meta
 
 
-def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[int] = None) -> dict:
-    """Check the directory against meta.json and the run; return the meta. Cheap: sizes only."""
+VERIFIED = ".verified.json"  # sidecar: which .bin files (by size and mtime) were already read in full
+
+
+def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[int] = None,
+                  verify: bool = True) -> dict:
+    """Check the directory against meta.json and the run; return the meta.
+
+    Sizes, token counts and dtype are checked from `stat` alone. With `verify`, each `.bin` is also
+    read once in full: its sha256 against meta.json and its largest token id against the vocabulary
+    (an id past the embedding is a device-side assert on GPU, far from its cause). That read runs at
+    about 1 GB/s, seconds for a multi-GB corpus, so its result is kept in `.verified.json` next to
+    the data, keyed by each file's size, mtime and inode: later runs only `stat` the files, and a
+    file that changes in any of those is read again. A read-only data directory is verified at every
+    start instead.
+    """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
     itemsize = np.dtype(DTYPES[meta["dtype"]]).itemsize
+    if meta["vocab_size"] > np.iinfo(DTYPES[meta["dtype"]]).max + 1:
+        raise DataError(f"{data_dir / 'meta.json'}: dtype {meta['dtype']} cannot hold vocab_size "
+                        f"{meta['vocab_size']}; expected {dtype_for_vocab(meta['vocab_size'])}")
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
         if not path.is_file():
@@ -66,14 +82,70 @@ def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[in
         n = size // itemsize
         expected = meta["tokens"].get(split)
         if expected is not None and n != expected:
-            raise DataError(f"{path}: holds {n} tokens but meta.json says {expected}")
+            other = [d for d, t in DTYPES.items() if d != meta["dtype"] and expected * np.dtype(t).itemsize == size]
+            hint = f"; its size fits {other[0]}, not meta.json's dtype {meta['dtype']}" if other else ""
+            raise DataError(f"{path}: holds {n} tokens but meta.json says {expected}{hint}")
         if n <= block_size:
             raise DataError(f"{path}: {n} tokens is not more than train.block_size ({block_size}); "
                             "a window of block_size + 1 tokens must fit (lower block_size or add data)")
     if vocab_size is not None and meta["vocab_size"] > vocab_size:
         raise DataError(f"{data_dir / 'meta.json'}: vocab_size {meta['vocab_size']} is larger than "
                         f"model.vocab_size ({vocab_size}); token ids would fall outside the embedding")
+    if verify:
+        verify_contents(data_dir, meta)
     return meta
+
+
+def _scan(path: Path, np_dtype) -> tuple[str, int, int]:
+    """sha256, largest token id and its position, in one streamed pass of 16 MB blocks."""
+    digest, top, where, pos = hashlib.sha256(), -1, -1, 0
+    block = 16 << 20
+    with open(path, "rb") as f:
+        while buf := f.read(block):
+            digest.update(buf)
+            arr = np.frombuffer(buf, dtype=np_dtype)
+            if arr.size:
+                i = int(arr.argmax())
+                if int(arr[i]) > top:
+                    top, where = int(arr[i]), pos + i
+            pos += arr.size
+    return digest.hexdigest(), top, where
+
+
+def verify_contents(data_dir: str | Path, meta: dict) -> None:
+    """Checksums and token-id range of each `.bin` (see validate_data); cached in `.verified.json`."""
+    data_dir = Path(data_dir)
+    sidecar = data_dir / VERIFIED
+    try:
+        cache = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    fresh = {}
+    for split in SPLITS:
+        path = data_dir / f"{split}.bin"
+        st = path.stat()
+        expected_sha = meta.get("sha256", {}).get(split)
+        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
+               "dtype": meta["dtype"], "sha256": expected_sha}
+        entry = cache.get(split)
+        if not (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key):
+            sha, top, where = _scan(path, DTYPES[meta["dtype"]])
+            if expected_sha is not None and sha != expected_sha:
+                raise DataError(f"{path}: sha256 {sha[:16]}... does not match meta.json's {expected_sha[:16]}...; "
+                                "the file was changed or belongs to another meta.json (prepare it again)")
+            entry = {**key, "max_id": top, "max_at": where}
+        if entry["max_id"] >= meta["vocab_size"]:
+            raise DataError(f"{path}: token id {entry['max_id']} (at position {entry['max_at']}) is not below "
+                            f"meta.json's vocab_size {meta['vocab_size']}; the data was made with another "
+                            "tokenizer or meta.json is wrong")
+        fresh[split] = entry
+    if fresh != cache:
+        try:  # best effort: a read-only data directory just verifies again next time
+            tmp = data_dir / f"{VERIFIED}.tmp-{os.getpid()}"
+            tmp.write_text(json.dumps(fresh, indent=2) + "\n")
+            os.replace(tmp, sidecar)
+        except OSError:
+            pass
 
 
 def split_seed(seed: int, rank: int, split: str, stream: str = "batches") -> int:
@@ -120,43 +192,71 @@ class BatchSampler:
 # --- writing -----------------------------------------------------------------------------------------
 
 
+class DatasetWriter:
+    """Streams chunks of token ids into `{split}.bin` as they come, then `commit` makes them appear at once.
+
+    Everything goes to a sibling temporary directory that is renamed into place by `commit`, so an
+    interrupted write never leaves a complete-looking directory. Counts and sha256 are kept on the way,
+    and every chunk is checked against the vocabulary before it is written.
+    """
+
+    def __init__(self, out_dir: str | Path, vocab_size: int, dtype: str, splits: Iterable[str] = SPLITS):
+        self.out_dir, self.vocab_size, self.np_dtype = Path(out_dir), vocab_size, DTYPES[dtype]
+        if self.out_dir.exists():
+            raise DataError(f"{self.out_dir} already exists; remove it or choose another directory")
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out_dir.parent / f".{self.out_dir.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.files = {split: open(self.tmp / f"{split}.bin", "wb") for split in splits}
+        self.digests = {split: hashlib.sha256() for split in splits}
+        self.counts = {split: 0 for split in splits}
+
+    def write(self, split: str, chunk) -> None:
+        arr = np.asarray(chunk)
+        if arr.size and int(arr.max()) >= self.vocab_size:
+            raise DataError(f"{split}: token id {int(arr.max())} >= vocab_size {self.vocab_size}")
+        buf = arr.astype(self.np_dtype, copy=False).tobytes()
+        self.files[split].write(buf)
+        self.digests[split].update(buf)
+        self.counts[split] += arr.size
+
+    def commit(self, meta: dict, extra_files: Optional[dict[str, str]] = None) -> dict:
+        """Write meta.json (with tokens and sha256 filled in) and `extra_files`, rename into place."""
+        for f in self.files.values():
+            f.close()
+        meta = {**meta, "tokens": dict(self.counts),
+                "sha256": {split: d.hexdigest() for split, d in self.digests.items()}}
+        (self.tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (self.tmp / name).write_text(text)
+        os.replace(self.tmp, self.out_dir)
+        return meta
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        if exc_type is not None or self.tmp.exists():  # an exception, or never committed
+            self.abort()
+
+
 def write_dataset(out_dir: str | Path, splits: dict[str, Iterable[np.ndarray]], meta: dict,
                   extra_files: Optional[dict[str, str]] = None) -> dict:
     """Write `{split}.bin` from chunks of token ids, meta.json and `extra_files` (name: text), atomically.
 
-    Everything goes to a sibling temporary directory that is renamed into place at the end, so an
-    interrupted write never leaves a complete-looking directory. Returns the final meta.
+    Returns the final meta (with `tokens` and `sha256` filled in).
     """
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        raise DataError(f"{out_dir} already exists; remove it or choose another data.dir")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        np_dtype = DTYPES[meta["dtype"]]
-        meta = {**meta, "tokens": {}, "sha256": {}}
+    with DatasetWriter(out_dir, meta["vocab_size"], meta["dtype"], splits) as writer:
         for split, chunks in splits.items():
-            digest, count = hashlib.sha256(), 0
-            with open(tmp / f"{split}.bin", "wb") as f:
-                for chunk in chunks:
-                    arr = np.asarray(chunk)
-                    if arr.size and int(arr.max()) >= meta["vocab_size"]:
-                        raise DataError(f"{split}: token id {int(arr.max())} >= vocab_size {meta['vocab_size']}")
-                    buf = arr.astype(np_dtype).tobytes()
-                    f.write(buf)
-                    digest.update(buf)
-                    count += arr.size
-            meta["tokens"][split], meta["sha256"][split] = count, digest.hexdigest()
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
+            for chunk in chunks:
+                writer.write(split, chunk)
+        return writer.commit(meta, extra_files)
 
 
 def unigram_entropy(data_dir: str | Path, split: str = "val") -> float:
