@@ -16,8 +16,7 @@ import numpy as np
 
 from .config import DataConfig
 from .data import DataError, dtype_for_vocab, write_dataset
-
-EOT = "<|endoftext|>"
+from .tokenizer import EOT, train_bpe
 
 NAMES = ["Lily", "Ben", "Tom", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy", "Jack", "Zoe",
          "Leo", "Emma", "Finn", "Rosa", "Kai", "Nora", "Ollie", "Ruby"]
@@ -70,15 +69,7 @@ def stories(num: int, seed: int) -> list[str]:
 
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2 style) with an end-of-text special token, trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer=trainer)
-    return tok
+    return train_bpe(texts, vocab_size)
 
 
 def _encode(tok, docs: list[str], eot_id: int) -> Iterator[np.ndarray]:

@@ -1,0 +1,199 @@
+"""The tokenizers `prepare` knows: gpt2 (tiktoken), bpe:N (trained on the corpus), byte, a tokenizer.json.
+
+A tokenizer travels as a small picklable `TokenizerSpec` (kind, vocab size, end-of-text id and, for
+Hugging Face tokenizers, the tokenizer.json text), so that worker processes and Ray tasks rebuild the
+same encoder; `encode_documents` builds it once per process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+EOT = "<|endoftext|>"
+BYTE_VOCAB = 257  # bytes 0..255, then the end-of-text token
+
+SPEC_HELP = "gpt2, bpe:VOCAB (e.g. bpe:8192), byte, or a path to a tokenizer.json"
+
+# The two files tiktoken's "gpt2" encoding reads, and their sha256 (as in tiktoken_ext.openai_public).
+GPT2_FILES = {
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe":
+        "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json":
+        "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+
+
+class TokenizerError(ValueError):
+    """The tokenizer spec is unknown or its files cannot be had; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    kind: str  # "gpt2" | "bpe" | "byte" | "file"
+    vocab_size: int
+    eot_id: int
+    json: Optional[str] = None  # tokenizer.json text (bpe, file): written next to the data
+    path: Optional[str] = None  # where a "file" tokenizer came from
+
+    def meta(self) -> dict:
+        meta = {"kind": self.kind, "file": "tokenizer.json" if self.json else None, "vocab_size": self.vocab_size}
+        if self.kind == "gpt2":
+            meta["encoding"] = "gpt2 (tiktoken)"
+        if self.path:
+            meta["source"] = self.path
+        return meta
+
+
+def parse_spec(text: str) -> tuple[str, Optional[int | str]]:
+    """`--tokenizer` -> (kind, argument); an unknown spec is refused before any work starts."""
+    if text in ("gpt2", "byte"):
+        return text, None
+    if text.startswith("bpe:"):
+        try:
+            vocab = int(text[4:])
+        except ValueError:
+            vocab = 0
+        if vocab < BYTE_VOCAB:
+            raise TokenizerError(f"--tokenizer {text!r}: bpe needs a vocab size of at least {BYTE_VOCAB} "
+                                 "(256 bytes + end-of-text), e.g. bpe:8192")
+        return "bpe", vocab
+    if text.endswith(".json") or os.sep in text:
+        if not Path(text).is_file():
+            raise TokenizerError(f"--tokenizer {text!r}: no such file (expected a Hugging Face tokenizer.json)")
+        return "file", text
+    raise TokenizerError(f"unknown --tokenizer {text!r}: expected {SPEC_HELP}")
+
+
+# --- building specs -----------------------------------------------------------------------------------
+
+
+def byte_spec() -> TokenizerSpec:
+    return TokenizerSpec("byte", BYTE_VOCAB, BYTE_VOCAB - 1)
+
+
+def train_bpe(texts: Iterable, vocab_size: int):
+    """A byte-level BPE (GPT-2 style) with an end-of-text special token, trained on `texts`.
+
+    `texts` may be strings or lists of strings; it is consumed once, so a generator streams.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def hf_spec(tok, kind: str, path: Optional[str] = None, eot: str = EOT) -> TokenizerSpec:
+    """A spec for a `tokenizers.Tokenizer`; the end-of-text token must be in its vocabulary."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if eot not in vocab:
+        specials = sorted(t.content for t in tok.get_added_tokens_decoder().values() if t.special)
+        raise TokenizerError(f"{path or 'tokenizer'}: has no end-of-text token {eot!r}; pass --eot with one of "
+                             f"its special tokens ({', '.join(specials) or 'it has none'})")
+    return TokenizerSpec(kind, max(vocab.values()) + 1, vocab[eot], json=tok.to_str(), path=path)
+
+
+def file_spec(path: str, eot: str = EOT) -> TokenizerSpec:
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on a malformed file
+        raise TokenizerError(f"{path}: not a Hugging Face tokenizer.json ({e})") from None
+    return hf_spec(tok, "file", path, eot)
+
+
+def tiktoken_cache_dir() -> str:
+    """Where tiktoken looks for its files (the same rule as tiktoken.load.read_file_cached)."""
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if var in os.environ:
+            return os.environ[var]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def gpt2_spec(timeout: float = 10.0) -> TokenizerSpec:
+    """GPT-2 through tiktoken, from its cache; fetched (with a timeout) only when not cached.
+
+    tiktoken itself downloads without a timeout, so an offline machine could hang in it: the files
+    are looked up in tiktoken's cache first, and a missing one is fetched here, failing at once
+    (or after `timeout` seconds) with what to do instead.
+    """
+    try:
+        import tiktoken
+    except ImportError:
+        raise TokenizerError("--tokenizer gpt2 needs tiktoken: pip install 'raypipe[gpt2]' "
+                             "(or use --tokenizer bpe:VOCAB or byte, which need nothing)") from None
+    cache = tiktoken_cache_dir()
+    for url, sha in GPT2_FILES.items():
+        cached = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
+        if os.path.isfile(cached) and hashlib.sha256(Path(cached).read_bytes()).hexdigest() == sha:
+            continue
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as r:
+                data = r.read()
+            if hashlib.sha256(data).hexdigest() != sha:
+                raise OSError(f"sha256 mismatch for {url}")
+            os.makedirs(cache, exist_ok=True)
+            Path(cached + ".tmp").write_bytes(data)
+            os.replace(cached + ".tmp", cached)
+        except OSError as e:
+            raise TokenizerError(
+                f"--tokenizer gpt2: tiktoken's BPE file is not cached in {cache} ({os.path.basename(cached)}, "
+                f"from {url}) and it could not be fetched ({e}). Offline, copy the cache directory of a "
+                "machine where `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` ran and point "
+                "TIKTOKEN_CACHE_DIR at it, or use --tokenizer bpe:VOCAB (trained here) or byte") from None
+    enc = tiktoken.get_encoding("gpt2")
+    return TokenizerSpec("gpt2", enc.n_vocab, enc.eot_token)
+
+
+# --- encoding -----------------------------------------------------------------------------------------
+
+_ENCODERS: dict = {}  # one encoder per spec per process (a tokenizer.json parse is not free)
+
+
+def _encoder(spec: TokenizerSpec):
+    key = (spec.kind, spec.vocab_size, spec.eot_id, hash(spec.json))
+    if key not in _ENCODERS:
+        if spec.kind == "gpt2":
+            import tiktoken
+
+            enc = tiktoken.get_encoding("gpt2")
+            _ENCODERS[key] = lambda docs: enc.encode_ordinary_batch(docs, num_threads=1)
+        elif spec.kind in ("bpe", "file"):
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(spec.json)
+            batch = getattr(tok, "encode_batch_fast", tok.encode_batch)  # fast: no offsets
+            _ENCODERS[key] = lambda docs: [e.ids for e in batch(docs, add_special_tokens=False)]
+        else:
+            raise TokenizerError(f"unknown tokenizer kind {spec.kind!r}")
+    return _ENCODERS[key]
+
+
+def encode_documents(spec: TokenizerSpec, docs: list[str], dtype) -> np.ndarray:
+    """Token ids of `docs`, each followed by the end-of-text id, as one flat array of `dtype`."""
+    if not docs:
+        return np.zeros(0, dtype)
+    if spec.kind == "byte":
+        # "surrogatepass": a lone surrogate from a JSON escape is kept as bytes, not an error.
+        parts = [d.encode("utf-8", "surrogatepass") for d in docs]
+        flat = np.frombuffer(b"".join(parts), np.uint8)
+        lengths = [len(p) for p in parts]
+    else:
+        ids = _encoder(spec)(docs)
+        lengths = [len(x) for x in ids]
+        flat = np.fromiter(chain.from_iterable(ids), dtype, count=sum(lengths))
+    return np.insert(flat.astype(dtype, copy=False), np.cumsum(lengths), spec.eot_id)
