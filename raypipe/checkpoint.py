@@ -5,6 +5,7 @@ Layout of a checkpoint directory:
   optimizer.pt  the optimizer's state_dict
   state.json    step, tokens seen, metrics history, W&B run id
   config.json   the resolved run config (model shape included), so a checkpoint stands alone
+  data_meta.json, tokenizer.json   the data's meta.json and tokenizer: enough to encode a prompt
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(parent: str | Path, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: Config, state: dict) -> Path:
+                    config: Config, state: dict, copy_files: Optional[dict[str, Path]] = None) -> Path:
     """Write `parent/name` via a temporary sibling and one rename: a crash leaves no partial checkpoint."""
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
@@ -38,6 +39,8 @@ def save_checkpoint(parent: str | Path, name: str, model: torch.nn.Module, optim
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
         (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+        for dest, src in (copy_files or {}).items():
+            shutil.copyfile(src, tmp / dest)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

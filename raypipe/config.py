@@ -72,6 +72,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
     eval_batches: int = 8  # batches per split in estimate_loss
+    sample_prompt: str = "Once upon a time"  # continued at every eval (logs, W&B table)
+    sample_tokens: int = 48  # 0: no samples
+    num_samples: int = 2
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)
     compile: bool = False
     seed: int = 1337
@@ -274,7 +277,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
 
     for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches"):
         positive(t, name, "train")
-    for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr"):
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens", "num_samples"):
         positive(t, name, "train", allow_zero=True)
     positive(t, "learning_rate", "train")
     if t.min_lr > t.learning_rate:

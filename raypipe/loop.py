@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import save_checkpoint
 from .config import Config
 from .data import BatchSampler, read_meta
+from .generate import TextTokenizer, cut_at, generate
 from .model import GemmaLM
 from .optim import configure_optimizer, lr_at
 from .tracking import Tracker
@@ -106,6 +107,24 @@ def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(values, (t / dist.get_world_size()).tolist()))
 
 
+def load_sampling_tokenizer(meta: dict, data_dir: str, env: WorkerEnv) -> Optional[TextTokenizer]:
+    try:
+        return TextTokenizer(meta, Path(data_dir))
+    except Exception as e:  # e.g. tiktoken's GPT-2 file not cached offline: train on, without samples
+        env.log(f"[raypipe] no samples at eval: the tokenizer did not load ({e})")
+        return None
+
+
+def sample_texts(model: GemmaLM, tokenizer: TextTokenizer, t, device: torch.device, ctx) -> list[str]:
+    """Continuations of the fixed prompt with a fixed seed, so evals compare like with like."""
+    prompt = tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]
+    idx = torch.tensor([prompt] * t.num_samples, device=device)
+    with ctx:
+        out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50,
+                       generator=torch.Generator().manual_seed(t.seed), stop_id=tokenizer.eot_id)
+    return [tokenizer.decode(cut_at(row, len(prompt), tokenizer.eot_id)) for row in out.tolist()]
+
+
 def train(cfg: Config, env: WorkerEnv) -> dict:
     """Train for cfg.train.max_steps optimizer steps; return the summary (rank 0's is the run's)."""
     t, device = cfg.train, env.device
@@ -134,6 +153,13 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     next_train_batch = sampler("train", "batches")
     eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
     tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * env.world_size
+
+    # Checkpoints carry the data's meta.json and tokenizer, so they encode prompts on their own.
+    data_files = {"data_meta.json": Path(data_dir) / "meta.json"}
+    tokenizer_file = meta.get("tokenizer", {}).get("file")
+    if tokenizer_file and (Path(data_dir) / tokenizer_file).is_file():
+        data_files[tokenizer_file] = Path(data_dir) / tokenizer_file
+    tokenizer = load_sampling_tokenizer(meta, data_dir, env) if master and t.sample_tokens else None
 
     tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master)
     if master:
@@ -175,12 +201,18 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
                     env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
                             f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
                             f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
+                if tokenizer is not None:
+                    samples = sample_texts(raw_model, tokenizer, t, device, ctx)
+                    for text in samples:
+                        env.log(f"[raypipe] sample @ step {step}: {text!r}")
+                    tracker.log_samples(step, t.sample_prompt, samples)
                 with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
                     checkpoint = None
                     if master:
                         state = {"step": step, "tokens": metrics["tokens"], "history": history,
                                  "wandb_run_id": tracker.run_id}
-                        checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state)
+                        checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state,
+                                                     copy_files=data_files)
                     env.report(metrics, checkpoint)
     finally:
         tracker.finish()  # also on errors: W&B keeps what was logged

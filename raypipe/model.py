@@ -50,9 +50,29 @@ def is_sliding(cfg: ModelConfig, layer: int) -> bool:
     return (layer + 1) % cfg.global_every != 0
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, one entry per layer (generation only).
+
+    Sliding layers keep every position too and mask the old ones out: simple, and for the short
+    contexts these models train on the memory is small.
+    """
+
+    def __init__(self, n_layer: int):
+        self.layers: list[Optional[tuple[torch.Tensor, torch.Tensor]]] = [None] * n_layer
+        self.length = 0  # positions already cached
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        past = self.layers[layer]
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
+        self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.sliding_window if is_sliding(cfg, layer) else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
@@ -63,29 +83,35 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[KVCache] = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        start = 0
+        if cache is not None:
+            start = cache.length
+            k, v = cache.update(self.layer, k, v)
         if self.n_kv_head != self.n_head:  # grouped-query attention: share each KV head
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        if self.window is None or T <= self.window:
+        if start == 0 and (self.window is None or T <= self.window):
             # Within the window a sliding layer is plain causal attention: the flash path, no mask.
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_mask(T, self.window, x.device),
-                                               scale=self.scale)
+            mask = attention_mask(start, T, k.shape[2], self.window, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
-def sliding_mask(T: int, window: int, device=None) -> torch.Tensor:
-    """Boolean [T, T]: query i sees keys j with i - window < j <= i (the window includes i itself)."""
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
-    return (j <= i) & (j > i - window)
+def attention_mask(start: int, T: int, S: int, window: Optional[int], device=None) -> torch.Tensor:
+    """Boolean [T, S] for queries at positions start..start+T-1 over keys 0..S-1: key j is seen by
+    query i when j <= i and, on sliding layers, i - window < j (the window includes i itself)."""
+    i = torch.arange(start, start + T, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    return (j <= i) & (j > i - window) if window is not None else j <= i
 
 
 class MLP(nn.Module):
@@ -110,9 +136,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.post_feedforward_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, rope_local, rope_global) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope_local, rope_global, cache: Optional[KVCache] = None) -> torch.Tensor:
         cos, sin = rope_local if self.sliding else rope_global
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -139,14 +165,22 @@ class GemmaLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 
-    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None):
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer)
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None):
+        """With a `cache`, `idx` continues the cached positions and the cache grows by its length."""
         T = idx.shape[1]
+        start = cache.length if cache is not None else 0
         x = self.embed_tokens(idx)
         x = x * torch.tensor(math.sqrt(self.cfg.n_embd), dtype=x.dtype)
-        rope_local = rope_cache(T, self.cfg.head_dim, self.cfg.rope_local_base, idx.device)
-        rope_global = rope_cache(T, self.cfg.head_dim, self.cfg.rope_global_base, idx.device)
+        rope_local, rope_global = ((c[start:], s[start:]) for c, s in (
+            rope_cache(start + T, self.cfg.head_dim, base, idx.device)
+            for base in (self.cfg.rope_local_base, self.cfg.rope_global_base)))
         for layer in self.layers:
-            x = layer(x, rope_local, rope_global)
+            x = layer(x, rope_local, rope_global, cache)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:

@@ -35,6 +35,7 @@ class Tracker:
                  enabled: bool = True, run_id: Optional[str] = None):
         self.mode = resolve_mode(cfg.mode) if enabled else "disabled"
         self.run, self.run_id = None, None
+        self.sample_rows: list[list] = []
         if self.mode == "disabled":
             return
         # The env var, not only init(mode=...): W&B's telemetry otherwise tries the network at exit.
@@ -54,6 +55,15 @@ class Tracker:
     def log(self, metrics: dict, step: int) -> None:
         if self.run:
             self.run.log(metrics, step=step)
+
+    def log_samples(self, step: int, prompt: str, samples: list[str]) -> None:
+        """One W&B table with every sample so far (tables are immutable: log the grown one)."""
+        if self.run:
+            import wandb
+
+            self.sample_rows += [[step, prompt, text] for text in samples]
+            self.run.log({"samples": wandb.Table(columns=["step", "prompt", "sample"], data=self.sample_rows)},
+                         step=step)
 
     def finish(self) -> None:
         if self.run:

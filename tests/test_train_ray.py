@@ -62,9 +62,11 @@ def test_two_workers_train_report_and_checkpoint(ray_cluster, embedded_data, tmp
     assert wandb_run.endswith(summary["wandb_run_id"]) and summary["wandb_mode"] == "offline"
     rows = read_history(wandb_run)
     assert [r["step"] for r in rows] == [10, 20, 30, 40]
-    for row, h in zip(rows, history):
+    for evals, (row, h) in enumerate(zip(rows, history), start=1):
         for name in METRICS:
             assert row[name] == pytest.approx(h[name])
+        # The eval samples, as one growing W&B table (2 samples per eval).
+        assert row["samples._type"] == "table-file" and row["samples.nrows"] == 2 * evals
     assert wandb_config(wandb_run)["train"]["max_steps"] == 40
 
 
