@@ -134,8 +134,8 @@ def gpt2_spec(timeout: float = 10.0) -> TokenizerSpec:
     try:
         import tiktoken
     except ImportError:
-        raise TokenizerError("--tokenizer gpt2 needs tiktoken: pip install 'raypipe[gpt2]' "
-                             "(or use --tokenizer bpe:VOCAB or byte, which need nothing)") from None
+        tiktoken = None
+    install = "" if tiktoken else ", and pip install 'raypipe[gpt2]' (tiktoken)"
     cache = tiktoken_cache_dir()
     for url, sha in GPT2_FILES.items():
         cached = os.path.join(cache, hashlib.sha1(url.encode()).hexdigest())
@@ -154,7 +154,11 @@ def gpt2_spec(timeout: float = 10.0) -> TokenizerSpec:
                 f"--tokenizer gpt2: tiktoken's BPE file is not cached in {cache} ({os.path.basename(cached)}, "
                 f"from {url}) and it could not be fetched ({e}). Offline, copy the cache directory of a "
                 "machine where `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` ran and point "
-                "TIKTOKEN_CACHE_DIR at it, or use --tokenizer bpe:VOCAB (trained here) or byte") from None
+                f"TIKTOKEN_CACHE_DIR at it{install}; or use --tokenizer bpe:VOCAB (trained here) or byte, "
+                "which need no download") from None
+    if tiktoken is None:
+        raise TokenizerError("--tokenizer gpt2 needs tiktoken: pip install 'raypipe[gpt2]' "
+                             "(or use --tokenizer bpe:VOCAB or byte, which need nothing)")
     enc = tiktoken.get_encoding("gpt2")
     return TokenizerSpec("gpt2", enc.n_vocab, enc.eot_token)
 
