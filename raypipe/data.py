@@ -216,7 +216,7 @@ class DatasetWriter:
         arr = np.asarray(chunk)
         if arr.size and int(arr.max()) >= self.vocab_size:
             raise DataError(f"{split}: token id {int(arr.max())} >= vocab_size {self.vocab_size}")
-        buf = arr.astype(self.np_dtype, copy=False).tobytes()
+        buf = memoryview(np.ascontiguousarray(arr, dtype=self.np_dtype)).cast("B")  # no copy when it fits
         self.files[split].write(buf)
         self.digests[split].update(buf)
         self.counts[split] += arr.size
