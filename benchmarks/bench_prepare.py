@@ -126,6 +126,7 @@ def main() -> None:
     ap.add_argument("--dir", default="/tmp/raypipe-bench")
     ap.add_argument("--bpe-vocab", type=int, default=8192)
     ap.add_argument("--skip-bpe-train", action="store_true", help="reuse DIR/bpe-tok/tokenizer.json")
+    ap.add_argument("--only", choices=("byte", "bpe"), help="run one tokenizer's rows")
     a = ap.parse_args()
     root = Path(a.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,17 @@ def main() -> None:
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         return rows[-1]
 
-    # byte
+    r = measure([sys.executable, "-c", "import raypipe.prepare"])  # paid by every run below
+    print(f"start-up (python + import raypipe.prepare, which imports torch): {r['wall']:.2f} s, "
+          f"max RSS {r['maxrss_mb']:.0f} MB", flush=True)
+    if a.only != "bpe":
+        byte_rows(a, root, big, small, fresh, row)
+    if a.only != "byte":
+        bpe_rows(a, root, big, small, fresh, row)
+    table(rows)
+
+
+def byte_rows(a, root, big, small, fresh, row) -> None:
     r = measure(prepare_cmd(big, fresh("byte"), "byte"))
     row("prepare byte (2 workers)", r, tokens_of(root / "byte"))
     r = measure([sys.executable, __file__, "--baseline", str(big), str(fresh("base-byte.bin")), "byte"])
@@ -157,7 +168,9 @@ def main() -> None:
     r = measure(prepare_cmd(small, fresh("byte-small"), "byte"))
     row(f"prepare byte, {a.small_mb} MB corpus", r, tokens_of(root / "byte-small"), small.stat().st_size / 1e6)
 
-    # bpe: train on the corpus (end to end), then tokenize-only with the trained tokenizer.json
+
+def bpe_rows(a, root, big, small, fresh, row) -> None:
+    """bpe:N end to end (training included), then tokenize-only with the trained tokenizer.json."""
     tok = root / "bpe-tok" / "tokenizer.json"
     if not (a.skip_bpe_train and tok.is_file()):
         r = measure(prepare_cmd(big, fresh("bpe-tok"), f"bpe:{a.bpe_vocab}"))
@@ -174,6 +187,8 @@ def main() -> None:
     row(f"prepare bpe tokenizer.json, {a.small_mb} MB corpus", r, tokens_of(root / "bpe-small"),
         small.stat().st_size / 1e6)
 
+
+def table(rows: list[dict]) -> None:
     print("\n| run | corpus MB | wall s | MB/s | tokens/s | max RSS of one process MB | peak PSS of the tree MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for x in rows:

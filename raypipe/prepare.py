@@ -459,6 +459,9 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
     opts = Options(text_column, txt_split, val_fraction, seed)
     train_paths = expand_inputs(inputs)
     val_paths = expand_inputs(val_inputs, "--val") if val_inputs else []
+    both = sorted({p.resolve() for p in train_paths} & {p.resolve() for p in val_paths})
+    if both:  # e.g. a directory INPUT that also holds the validation files
+        raise PrepareError(f"{both[0]} is both an INPUT and a --val input; val documents would also be trained on")
     for path in train_paths + val_paths:
         check_input(path, opts)
     forced = "train" if val_paths else None

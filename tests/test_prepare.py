@@ -163,6 +163,8 @@ def test_empty_inputs_are_clear_errors(tmp_path):
     (tmp_path / "few.txt").write_text("one\n\ntwo\n")
     with pytest.raises(PrepareError, match=r"val split is empty: none of the 2 documents.*--val-fraction"):
         prepare([str(tmp_path / "few.txt")], tmp_path / "out", "byte", val_fraction=0.01, **QUIET)
+    with pytest.raises(PrepareError, match=r"few.txt is both an INPUT and a --val input"):
+        prepare([str(tmp_path)], tmp_path / "out", "byte", val_inputs=[str(tmp_path / "few.txt")], **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blank.jsonl", "empty.txt", "few.txt"]
 
 
