@@ -72,6 +72,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
     eval_batches: int = 8  # batches per split in estimate_loss
+    log_interval: int = 10  # optimizer steps between per-step loss logs to W&B
+    stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
+    max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
     sample_prompt: str = "Once upon a time"  # continued at every eval (logs, W&B table)
     sample_tokens: int = 48  # 0: no samples
     num_samples: int = 2
@@ -108,6 +111,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    resume_from: Optional[str] = None  # a checkpoint directory; set by --resume, not in YAML files
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -275,7 +279,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if m.head_dim % 2:
         fail("model.head_dim", m.head_dim, "must be even (rotary embeddings rotate pairs)")
 
-    for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches"):
+    for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
+                 "log_interval", "max_nonfinite_steps"):
         positive(t, name, "train")
     for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens", "num_samples"):
         positive(t, name, "train", allow_zero=True)
@@ -283,6 +288,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
     if t.min_lr > t.learning_rate:
         fail("train.min_lr", t.min_lr, f"must not exceed train.learning_rate ({t.learning_rate}): "
              "the cosine decay would raise the rate; the peak rate is learning_rate")
+    if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
+        fail("train.stop_at", t.stop_at, f"must be between 1 and train.max_steps ({t.max_steps}), or null")
     if t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", t.warmup_steps, f"must not exceed train.max_steps ({t.max_steps})")
     for name in ("beta1", "beta2"):

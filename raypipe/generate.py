@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import MANIFEST, CheckpointError, latest_checkpoint, load_model
 from .model import GemmaLM
 
 
@@ -102,19 +102,19 @@ def cut_at(ids: list[int], prompt_len: int, stop_id: Optional[int]) -> list[int]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's best (else latest) checkpoint."""
+    """A checkpoint directory as given, or a run directory's best (else latest complete) checkpoint."""
     path = Path(path)
-    if (path / "model.pt").is_file():
+    if (path / MANIFEST).is_file():
         return path
     summary = path / "summary.json"
     if summary.is_file():
         best = json.loads(summary.read_text()).get("best_checkpoint")
         if best and Path(best).is_dir():
             return Path(best)
-    found = sorted(path.glob("checkpoint_0*"))
-    if not found:
-        raise CheckpointError(f"{path}: neither a checkpoint (no model.pt) nor a run directory with checkpoints")
-    return found[-1]
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint ({MANIFEST}) nor a run directory with a complete checkpoint")
+    return latest
 
 
 def main(argv: Optional[list[str]] = None) -> int:

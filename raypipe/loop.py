@@ -8,6 +8,7 @@ Ray is not imported here. The entry point hands in a `WorkerEnv` (rank, world si
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import save_checkpoint
+from .checkpoint import (Resume, capture_rank_state, check_compatible, load_model_weights,
+                         restore_rank_state, save_checkpoint)
 from .config import Config
 from .data import BatchSampler, read_meta
 from .generate import TextTokenizer, cut_at, generate
@@ -125,8 +127,13 @@ def sample_texts(model: GemmaLM, tokenizer: TextTokenizer, t, device: torch.devi
     return [tokenizer.decode(cut_at(row, len(prompt), tokenizer.eot_id)) for row in out.tolist()]
 
 
-def train(cfg: Config, env: WorkerEnv) -> dict:
-    """Train for cfg.train.max_steps optimizer steps; return the summary (rank 0's is the run's)."""
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
+    """Train up to cfg.train.max_steps optimizer steps (or stop_at); return the summary (rank 0's
+    is the run's). With `resume`, continue that checkpoint's run exactly where it stopped."""
     t, device = cfg.train, env.device
     data_dir = cfg.data.dir
     meta = read_meta(data_dir)
@@ -137,9 +144,6 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     # Model: same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
     torch.manual_seed(t.seed)
     raw_model = GemmaLM(cfg.model).to(device)
-    model = torch.compile(raw_model) if t.compile else raw_model
-    if env.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = configure_optimizer(raw_model, t, device.type)
     dtype = autocast_dtype(t.dtype, device)
     ctx = autocast_context(dtype, device)
@@ -154,6 +158,21 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
     eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
     tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * env.world_size
 
+    # Run state: all of it goes into every checkpoint, and comes back from one.
+    run = {"step": 0, "history": [], "step_losses": [], "skipped_steps": 0, "restarts": 0, "wandb_run_id": None,
+           "world_size": env.world_size}
+    if resume is not None:
+        check_compatible(resume.path, cfg, meta, env.world_size)
+        load_model_weights(raw_model, resume.model, resume.path)
+        optimizer.load_state_dict(resume.optimizer)
+        scaler.load_state_dict(resume.state["scaler"])
+        restore_rank_state(resume.rank_state, next_train_batch.generator, device)
+        run.update({k: resume.state[k] for k in run if k != "world_size"})
+        run["restarts"] += 1
+    model = torch.compile(raw_model) if t.compile else raw_model
+    if env.world_size > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
     # Checkpoints carry the data's meta.json and tokenizer, so they encode prompts on their own.
     data_files = {"data_meta.json": Path(data_dir) / "meta.json"}
     tokenizer_file = meta.get("tokenizer", {}).get("file")
@@ -161,41 +180,62 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
         data_files[tokenizer_file] = Path(data_dir) / tokenizer_file
     tokenizer = load_sampling_tokenizer(meta, data_dir, env) if master and t.sample_tokens else None
 
-    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master)
+    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master, run_id=run["wandb_run_id"])
+    run["wandb_run_id"] = tracker.run_id
+    first_step, last_step = run["step"] + 1, min(t.max_steps, t.stop_at or t.max_steps)
     if master:
         env.log(f"[raypipe] {raw_model.num_params():,} parameters | {env.world_size} worker(s) on {device.type} | "
                 f"{dtype} | {tokens_per_step:,} tokens/step | {t.max_steps} steps = "
                 f"{tokens_per_step * t.max_steps:,} tokens | W&B {tracker.mode}")
+        if resume is not None:
+            env.log(f"[raypipe] resumed from {resume.path.name} at step {run['step']} (restart {run['restarts']})")
 
-    history: list[dict] = []
     train_time, start = 0.0, time.perf_counter()
-    step_loss = grad_norm = float("nan")
+    nonfinite_streak = 0
     try:
-        for step in range(1, t.max_steps + 1):
+        for step in range(first_step, last_step + 1):
             step_start = time.perf_counter()
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             step_loss = forward_backward(model, next_train_batch, t.grad_accum_steps, ctx, scaler)
             grad_norm = clip_gradients(raw_model, optimizer, scaler, t.grad_clip)
-            scaler.step(optimizer)
+            # float16: an infinite gradient is the scaler's business (it skips and lowers the scale).
+            if math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+                scaler.step(optimizer)
+                nonfinite_streak = 0
+            else:  # skip the update; the step still counts (schedule and data move on)
+                run["skipped_steps"] += 1
+                nonfinite_streak += 1
+                if master:
+                    env.log(f"[raypipe] step {step}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
+                if nonfinite_streak >= t.max_nonfinite_steps:
+                    raise NonFiniteError(f"{nonfinite_streak} optimizer steps in a row had a non-finite loss or "
+                                         f"gradient norm (last: step {step}); the last checkpoint "
+                                         f"(step {run['history'][-1]['step'] if run['history'] else 'none'}) is intact. "
+                                         "Lower train.learning_rate or train.grad_clip, or check the data.")
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             train_time += time.perf_counter() - step_start
+            run["step"] = step
+            run["step_losses"].append(step_loss)
+            if step % t.log_interval == 0:
+                tracker.log({"step_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm}, step=step)
 
-            if step % t.eval_interval == 0 or step == t.max_steps:
+            if step % t.eval_interval == 0 or step == last_step:
                 for eval_sampler in eval_batches.values():
                     eval_sampler.reset()
                 losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
                 metrics = {
                     "step": step, "tokens": step * tokens_per_step,
                     "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
-                    "grad_norm": grad_norm, "step_loss": step_loss,
-                    "tokens_per_sec": step * tokens_per_step / train_time, "elapsed_s": time.perf_counter() - start,
+                    "grad_norm": grad_norm, "step_loss": step_loss, "skipped_steps": run["skipped_steps"],
+                    "tokens_per_sec": (step - first_step + 1) * tokens_per_step / train_time,
+                    "elapsed_s": time.perf_counter() - start,
                 }
-                history.append(metrics)
+                run["history"].append(metrics)
                 tracker.log(metrics, step=step)
                 if master:
                     env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
@@ -207,20 +247,22 @@ def train(cfg: Config, env: WorkerEnv) -> dict:
                         env.log(f"[raypipe] sample @ step {step}: {text!r}")
                     tracker.log_samples(step, t.sample_prompt, samples)
                 with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
-                    checkpoint = None
-                    if master:
-                        state = {"step": step, "tokens": metrics["tokens"], "history": history,
-                                 "wandb_run_id": tracker.run_id}
-                        checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", raw_model, optimizer, cfg, state,
-                                                     copy_files=data_files)
+                    rank_state = capture_rank_state(next_train_batch.generator, device)
+                    extra = dict(model=raw_model, optimizer=optimizer, config=cfg, copy_files=data_files,
+                                 state={**run, "tokens": metrics["tokens"], "scaler": scaler.state_dict()}) if master else {}
+                    checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", rank=env.rank,
+                                                 rank_state=rank_state, **extra)
                     env.report(metrics, checkpoint)
     finally:
         tracker.finish()  # also on errors: W&B keeps what was logged
+    history = run["history"]
     best = min(history, key=lambda h: h["val_loss"])
     return {
         "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
-        "final_train_loss": history[-1]["train_loss"], "steps": t.max_steps,
-        "tokens": t.max_steps * tokens_per_step, "tokens_per_sec": t.max_steps * tokens_per_step / train_time,
+        "final_train_loss": history[-1]["train_loss"], "steps": run["step"], "max_steps": t.max_steps,
+        "tokens": run["step"] * tokens_per_step,
+        "tokens_per_sec": (last_step - first_step + 1) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "num_params": raw_model.num_params(), "world_size": env.world_size,
+        "skipped_steps": run["skipped_steps"], "restarts": run["restarts"],
         "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history,
     }

@@ -19,11 +19,17 @@ from typing import Optional
 import torch
 import yaml
 
-from .config import Config, ConfigError, load_config
+from .checkpoint import (MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_for_resume,
+                         load_state, verify)
+from .config import Config, ConfigError, apply_override, load_config, validate
 from .corpus import prepare_embedded
 from .data import DataError, read_meta, unigram_entropy, validate_data
 from .loop import WorkerEnv, train
 from .model import GemmaLM
+
+
+class RunFailed(RuntimeError):
+    """The training function failed (after any retries); the message carries the cause."""
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -33,6 +39,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="override one config value, e.g. --set train.learning_rate=1e-3 (repeatable)")
     p.add_argument("--name", help="run name (ray.name); default: <config name>-<timestamp>")
     p.add_argument("--storage-path", help="where runs are kept (ray.storage_path): a path or a URI")
+    p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
+                   help="continue a run: a run directory goes on in place from its latest checkpoint; "
+                        "a checkpoint directory starts a new run from it (config from the checkpoint "
+                        "unless --config; --set still applies)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model, print its size and token budget, and exit")
     return p.parse_args(argv)
@@ -40,11 +50,30 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = list(args.overrides)
+    resume_run = resume_checkpoint = None
+    if args.resume:
+        resume_run, resume_checkpoint = resolve_resume(args.resume)
+        if resume_run is not None:  # the same run, in place: same name and storage, so Ray restores it
+            overrides += [f"ray.name={resume_run.name}", f"ray.storage_path={resume_run.parent}"]
     if args.name:
         overrides.append(f"ray.name={args.name}")
     if args.storage_path:
         overrides.append(f"ray.storage_path={args.storage_path}")
-    cfg = load_config(args.config, overrides)
+    if args.resume and not args.config:
+        cfg = Config.from_dict(json.loads((resume_checkpoint / "config.json").read_text()),
+                               origin=str(resume_checkpoint / "config.json"))
+        for item in overrides:
+            apply_override(cfg, item)
+        validate(cfg, "--set")
+        if resume_run is None:
+            cfg.ray.name = None  # a new run from that checkpoint
+    else:
+        cfg = load_config(args.config, overrides)
+    if resume_checkpoint is not None:
+        step = load_state(resume_checkpoint)["step"]
+        if cfg.train.stop_at is not None and cfg.train.stop_at <= step:
+            cfg.train.stop_at = None  # it stopped there on purpose; resuming means going on
+        cfg.resume_from = str(resume_checkpoint)
     stem = Path(args.config).stem if args.config else "default"
     cfg.ray.name = cfg.ray.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Workers run in other directories (and other machines): hand them absolute paths.
@@ -54,13 +83,29 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return cfg
 
 
+def resolve_resume(path: str) -> tuple[Optional[Path], Path]:
+    """(run directory or None, checkpoint to resume from) for --resume."""
+    p = Path(path).expanduser().resolve()
+    if (p / MANIFEST).is_file():
+        verify(p)
+        return None, p
+    latest = latest_checkpoint(p) if p.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"--resume {path}: neither a checkpoint directory nor a run directory "
+                              "holding a complete checkpoint")
+    return p, latest
+
+
 def prepare_data(cfg: Config) -> dict:
-    """Make sure the data exists and fits the run; fill model.vocab_size from it when unset."""
+    """Make sure the data exists and fits the run; fill model.vocab_size from it when unset.
+    A checkpoint to resume from must fit the model and the data: checked here, before Ray starts."""
     if cfg.data.source == "embedded":
         prepare_embedded(cfg.data)
     meta = validate_data(cfg.data.dir, cfg.train.block_size, cfg.model.vocab_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = meta["vocab_size"]
+    if cfg.resume_from:
+        check_compatible(cfg.resume_from, cfg, meta, cfg.ray.num_workers)
     return meta
 
 
@@ -97,6 +142,15 @@ def train_func(loop_config: dict) -> dict:
 
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
+    # After a worker failure (or when a run directory is resumed) Ray hands back the run's latest
+    # checkpoint; otherwise --resume may have named one from elsewhere.
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            resume = load_for_resume(Path(d), ctx.get_world_rank())
+    elif cfg.resume_from:
+        resume = load_for_resume(Path(cfg.resume_from), ctx.get_world_rank())
 
     def report(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -106,7 +160,7 @@ def train_func(loop_config: dict) -> dict:
     env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
                     out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print)
-    return train(cfg, env)
+    return train(cfg, env, resume)
 
 
 def _worker_print(line: str) -> None:
@@ -177,7 +231,7 @@ def run(cfg: Config) -> dict:
     wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
     result = make_trainer(cfg, wandb_dir).fit()
     if result.error:
-        raise result.error
+        raise RunFailed(f"training failed: {result.error}\nrun directory (checkpoints kept): {result.path}")
     summary = dict(result.return_value)
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"], default=None)
     summary.update({
@@ -194,9 +248,13 @@ def run(cfg: Config) -> dict:
 
 def print_summary(s: dict) -> None:
     beat = "below" if s["final_val_loss"] < s["val_unigram_entropy"] else "NOT below"
-    print(f"\n[raypipe] done: {s['steps']} steps, {s['tokens']:,} tokens in {s['wall_time_s']:.0f}s wall "
-          f"({s['tokens_per_sec']:,.0f} tokens/s while training)\n"
-          f"[raypipe] val loss: final {s['final_val_loss']:.4f}, best {s['best_val_loss']:.4f} (step {s['best_step']}); "
+    stopped = (f" of {s['max_steps']} (train.stop_at; go on with --resume {s['run_dir']})"
+               if s["steps"] < s["max_steps"] else "")
+    print(f"\n[raypipe] done: {s['steps']} steps{stopped}, {s['tokens']:,} tokens in {s['wall_time_s']:.0f}s wall "
+          f"({s['tokens_per_sec'] or 0:,.0f} tokens/s while training)\n"
+          + (f"[raypipe] restarts: {s['restarts']}, skipped non-finite steps: {s['skipped_steps']}\n"
+             if s["restarts"] or s["skipped_steps"] else "")
+          + f"[raypipe] val loss: final {s['final_val_loss']:.4f}, best {s['best_val_loss']:.4f} (step {s['best_step']}); "
           f"train loss {s['final_train_loss']:.4f}\n"
           f"[raypipe] val unigram entropy {s['val_unigram_entropy']:.4f} nats: final val loss is {beat} it\n"
           f"[raypipe] best checkpoint: {s['best_checkpoint']}\n"
@@ -211,9 +269,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             dry_run(cfg)
             return 0
         run(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 
