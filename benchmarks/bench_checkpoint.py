@@ -1,0 +1,73 @@
+"""Checkpoint save/load time and size for a model shape (default: the seed recipe), on this machine.
+
+    python benchmarks/bench_checkpoint.py [--config configs/gemma3-270m.yaml] [--repeats 3]
+        [--step-seconds S ...]
+
+Builds the model and a stepped AdamW (so the optimizer state is full size), then times
+`save_checkpoint` (rank 0: weights, optimizer, state, RNG) and `load_for_resume` + loading the
+weights back, and prints the share of training time spent checkpointing at the config's
+eval_interval for each given optimizer-step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from raypipe.checkpoint import capture_rank_state, load_for_resume, load_model_weights, save_checkpoint
+from raypipe.config import load_config
+from raypipe.model import GemmaLM
+from raypipe.optim import configure_optimizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/gemma3-270m.yaml")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--step-seconds", type=float, nargs="*", default=[],
+                   help="optimizer-step times to express the checkpoint cost against")
+    args = p.parse_args()
+    cfg = load_config(args.config)
+    torch.manual_seed(0)
+    model = GemmaLM(cfg.model)
+    optimizer = configure_optimizer(model, cfg.train, "cpu")
+    x = torch.randint(0, cfg.model.vocab_size, (1, 8))
+    model(x, x)[1].backward()
+    optimizer.step()  # fills exp_avg / exp_avg_sq: the optimizer state at its real size
+    state = {"step": 1, "world_size": 1, "history": [], "step_losses": [0.0] * cfg.train.max_steps,
+             "scaler": {}, "tokens": 0}
+    rank_state = capture_rank_state(torch.Generator(), torch.device("cpu"))
+
+    saves, loads = [], []
+    with tempfile.TemporaryDirectory(dir=".") as tmp:
+        for i in range(args.repeats):
+            t0 = time.perf_counter()
+            d = save_checkpoint(tmp, f"checkpoint_{i:07d}", rank=0, rank_state=rank_state, model=model,
+                                optimizer=optimizer, config=cfg, state=state)
+            saves.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            resume = load_for_resume(d, rank=0)
+            load_model_weights(GemmaLM(cfg.model), resume.model, d)
+            optimizer.load_state_dict(resume.optimizer)
+            loads.append(time.perf_counter() - t0)
+        sizes = {f.name: f.stat().st_size for f in Path(d).iterdir()}
+    total = sum(sizes.values())
+    save, load = statistics.median(saves), statistics.median(loads)
+    print(f"model: {model.num_params():,} parameters ({args.config})")
+    print(f"checkpoint size: {total / 1e6:,.0f} MB (" + ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in
+                                                           sorted(sizes.items(), key=lambda kv: -kv[1])[:3]) + ")")
+    print(f"save: {save:.2f} s median of {args.repeats} ({total / save / 1e9:.2f} GB/s); "
+          f"load (weights + optimizer into a model): {load:.2f} s")
+    for step_s in args.step_seconds:
+        interval = cfg.train.eval_interval * step_s
+        print(f"at {step_s:.3f} s/step, a checkpoint every {cfg.train.eval_interval} steps ({interval:,.0f} s): "
+              f"{save / (interval + save):.2%} of training time")
+
+
+if __name__ == "__main__":
+    main()
