@@ -160,15 +160,17 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 
     # Run state: all of it goes into every checkpoint, and comes back from one.
     run = {"step": 0, "history": [], "step_losses": [], "skipped_steps": 0, "restarts": 0, "wandb_run_id": None,
-           "world_size": env.world_size}
+           "world_size": env.world_size, "run_name": env.run_name}
     if resume is not None:
         check_compatible(resume.path, cfg, meta, env.world_size)
         load_model_weights(raw_model, resume.model, resume.path)
         optimizer.load_state_dict(resume.optimizer)
         scaler.load_state_dict(resume.state["scaler"])
         restore_rank_state(resume.rank_state, next_train_batch.generator, device)
-        run.update({k: resume.state[k] for k in run if k != "world_size"})
+        run.update({k: resume.state[k] for k in run if k not in ("world_size", "run_name")})
         run["restarts"] += 1
+        if resume.state.get("run_name") != env.run_name:  # a new run from another's checkpoint: new W&B run
+            run["wandb_run_id"] = None
     model = torch.compile(raw_model) if t.compile else raw_model
     if env.world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)

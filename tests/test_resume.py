@@ -22,6 +22,7 @@ from raypipe.checkpoint import (CheckpointError, check_compatible, latest_checkp
 from raypipe.data import read_meta
 from raypipe.loop import NonFiniteError, WorkerEnv, train
 from raypipe.train import main
+from wandb_offline import offline_runs
 
 
 def keep_checkpoints(into: Path):
@@ -73,6 +74,10 @@ def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_pa
     # Every rank's own RNG and sampler state went into the merged checkpoint.
     assert verify(part / "checkpoint_0000012")["world_size"] == 2
     assert (part / "checkpoint_0000012" / "rank_1.pt").is_file()
+    # One W&B run across the restart: the resumed segment logs under the same run id.
+    segments = offline_runs(str(part))
+    assert len(segments) == 2 and len({s.rsplit("-", 1)[-1] for s in segments}) == 1
+    assert segments[0].endswith(summary["wandb_run_id"])
 
 
 def summary_history(run_dir: Path) -> list[dict]:
