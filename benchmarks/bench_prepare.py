@@ -6,7 +6,7 @@ The corpus is generated stories (raypipe.corpus.stories) as .jsonl, TinyStories'
 --dir (never the repo). Every measured run is a child process: wall time includes its start
 (imports), and memory is measured from outside. Peak memory is reported two ways: the largest
 single process (ru_maxrss from wait4, which covers its waited-for children too) and the peak of the
-process tree's summed PSS, sampled every 0.2 s (PSS splits pages shared after fork fairly, so the
+process tree's summed PSS, sampled every 0.5 s (PSS splits pages shared after fork fairly, so the
 sum is what the tree really holds).
 
 The baseline reads the same file line by line, json-decodes, encodes in batches of 1,024 documents
@@ -96,7 +96,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     def sample():
         while proc.returncode is None:
             peak[0] = max(peak[0], tree_pss_kb(proc.pid))
-            time.sleep(0.2)
+            time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
     out_buf = proc.stdout.read()  # drain before waiting (a full pipe would block the child)
