@@ -203,7 +203,7 @@ def _merge(obj: Any, raw: dict, origin: str, prefix: str) -> None:
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"{origin}: unknown key '{dotted}'{_suggest(dotted)}")
+            raise ConfigError(f"{origin}: unknown key '{dotted}'{suggest_key(dotted)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
             _merge(current, value if value is not None else {}, origin, f"{dotted}.")
@@ -211,7 +211,7 @@ def _merge(obj: Any, raw: dict, origin: str, prefix: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], dotted, origin))
 
 
-def _suggest(dotted: str) -> str:
+def suggest_key(dotted: str) -> str:
     keys = all_keys()
     leaf_matches = [k for k in keys if k.rsplit(".", 1)[-1] == dotted.rsplit(".", 1)[-1]]
     close = leaf_matches or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)

@@ -189,7 +189,7 @@ def init_ray(cfg: Config) -> None:
             "ray.cpus_per_worker, or set ray.use_gpu: false")
 
 
-def make_trainer(cfg: Config, wandb_dir: str):
+def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -204,6 +204,7 @@ def make_trainer(cfg: Config, wandb_dir: str):
             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=r.max_failures),
+            callbacks=callbacks,
         ),
     )
 
@@ -222,14 +223,15 @@ def write_outputs(result, cfg: Config, summary: dict) -> None:
             f.write(text.encode())
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
+    """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
     wall_start = time.perf_counter()
     meta = prepare_data(cfg)
     init_ray(cfg)
     local_storage = "://" not in cfg.ray.storage_path
     run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"
     wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
-    result = make_trainer(cfg, wandb_dir).fit()
+    result = make_trainer(cfg, wandb_dir, callbacks).fit()
     if result.error:
         raise RunFailed(f"training failed: {result.error}\nrun directory (checkpoints kept): {result.path}")
     summary = dict(result.return_value)

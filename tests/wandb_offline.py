@@ -75,3 +75,7 @@ def read_config(run_dir: str) -> dict:
             config[_key(item)] = json.loads(item.value_json)
     config.pop("_wandb", None)
     return config
+
+
+def read_group(run_dir: str) -> str:
+    return next(r.run.run_group for r in _records(run_dir) if r.WhichOneof("record_type") == "run")

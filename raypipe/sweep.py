@@ -1,0 +1,351 @@
+"""`python -m raypipe.sweep sweeps/lr.yaml [--resume]`: Ray Tune over the Ray Train trainer.
+
+Each trial is a whole `raypipe.train` run (a TorchTrainer under a Tune function trainable, the
+Train V2 pattern, metrics passed up by `TuneReportCallback`), kept where a run keeps its outputs:
+`<storage>/<sweep>/runs/<trial id>/`. ASHA compares trials at the same optimizer step (`step`, not
+Tune's `training_iteration`, which restarts when a sweep is resumed). At the end the sweep writes
+`results.csv`, `best_config.yaml` and PNG plots into `<storage>/<sweep>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import difflib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .checkpoint import latest_checkpoint, load_state
+from .config import Config, ConfigError, all_keys, apply_override, load_config, parse_yaml, suggest_key, validate
+from .data import DataError
+
+SWEEP_KEYS = ("name", "base", "set", "search", "tie", "num_samples", "search_alg", "scheduler", "metric", "mode",
+              "resources", "max_concurrent_trials", "storage_path")
+DOMAINS = ("loguniform", "uniform", "choice", "grid")
+RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    base: Config  # the run config every trial starts from (base file + `set`)
+    search: dict[str, dict]  # dotted key -> {domain: args}
+    tie: dict[str, dict] = field(default_factory=dict)  # dotted key -> {of: key, factor: x}
+    num_samples: int = 1
+    search_alg: str = "random"
+    scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
+    metric: str = "val_loss"
+    mode: str = "min"
+    max_concurrent_trials: Optional[int] = None
+    storage_path: str = "runs"
+    source: str = ""
+
+    @property
+    def dir(self) -> str:
+        return f"{self.storage_path.rstrip('/')}/{self.name}"
+
+
+def load_sweep(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file: every key, domain and config path, before anything starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    raw = parse_yaml(path.read_text(), str(path)) or {}
+    where = str(path)
+
+    def fail(msg: str) -> None:
+        raise ConfigError(f"{where}: {msg}")
+
+    if not isinstance(raw, dict):
+        fail("expected a mapping (name, base, search, ...)")
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            close = difflib.get_close_matches(str(key), SWEEP_KEYS, n=1)
+            fail(f"unknown key '{key}'" + (f"; did you mean '{close[0]}'?" if close else f"; known: {', '.join(SWEEP_KEYS)}"))
+    base_file = raw.get("base")
+    if base_file is not None:  # relative to the sweep file, else to the working directory
+        base_file = next((p for p in (path.parent / base_file, Path(base_file)) if p.is_file()), Path(base_file))
+    overrides = raw.get("set") or []
+    if not isinstance(overrides, list):
+        fail("'set' must be a list of dotted.key=value strings")
+    base = load_config(base_file, overrides)
+
+    resources = raw.get("resources") or {}
+    for key, value in resources.items():
+        if key not in RESOURCE_KEYS:
+            fail(f"resources: unknown key '{key}'; known: {', '.join(RESOURCE_KEYS)}")
+        apply_override(base, f"ray.{key}={json.dumps(value)}")
+    if base.ray.use_gpu and base.ray.gpus_per_worker < 1 and base.ray.num_workers > 1:
+        fail(f"resources: gpus_per_worker {base.ray.gpus_per_worker} (a fraction) with num_workers "
+             f"{base.ray.num_workers}: NCCL refuses two ranks on one GPU ('Duplicate GPU detected'); "
+             "fractional GPUs suit single-worker trials")
+
+    search = raw.get("search") or {}
+    if not isinstance(search, dict) or not search:
+        fail("'search' must map at least one config key to a domain, e.g. train.learning_rate: {loguniform: [1e-4, 1e-2]}")
+    keys = set(all_keys())
+    for key, domain in search.items():
+        if key not in keys:
+            fail(f"search: '{key}' is not a config key{suggest_key(key)}")
+        if not (isinstance(domain, dict) and len(domain) == 1 and next(iter(domain)) in DOMAINS):
+            fail(f"search: '{key}' must be one of {{{', '.join(f'{d}: ...' for d in DOMAINS)}}}, got {domain!r}")
+        kind, args = next(iter(domain.items()))
+        if kind in ("loguniform", "uniform") and not (isinstance(args, list) and len(args) == 2 and args[0] < args[1]):
+            fail(f"search: '{key}': {kind} takes [low, high] with low < high, got {args!r}")
+        if kind in ("choice", "grid") and not (isinstance(args, list) and args):
+            fail(f"search: '{key}': {kind} takes a non-empty list, got {args!r}")
+    tie = raw.get("tie") or {}
+    for key, rule in tie.items():
+        if key not in keys:
+            fail(f"tie: '{key}' is not a config key{suggest_key(key)}")
+        if not (isinstance(rule, dict) and set(rule) == {"of", "factor"} and rule["of"] in search):
+            fail(f"tie: '{key}' must be {{of: <a searched key>, factor: <number>}}, got {rule!r}")
+    for key, domain in search.items():  # every listed value and both ends of a range make a valid run
+        for value in next(iter(domain.values())):
+            _check_value(base, tie, key, value, where)
+
+    search_alg = raw.get("search_alg", "random")
+    if search_alg not in ("random", "grid", "optuna"):
+        fail(f"search_alg: {search_alg!r}; expected random, grid or optuna")
+    if search_alg == "optuna" and any("grid" in d for d in search.values()):
+        fail("search_alg optuna cannot take grid domains; use choice")
+    scheduler = raw.get("scheduler") or {"type": "fifo"}
+    if scheduler.get("type") not in ("asha", "fifo"):
+        fail(f"scheduler.type: {scheduler.get('type')!r}; expected asha or fifo")
+    unknown = set(scheduler) - {"type", "grace_period", "reduction_factor", "brackets"}
+    if unknown:
+        fail(f"scheduler: unknown key(s) {sorted(unknown)}; known: type, grace_period, reduction_factor, brackets")
+    if scheduler["type"] == "asha" and not 0 < scheduler.get("grace_period", 1) <= base.train.max_steps:
+        fail(f"scheduler.grace_period {scheduler.get('grace_period')} must be in 1..train.max_steps ({base.train.max_steps})")
+    metric, mode = raw.get("metric", "val_loss"), raw.get("mode", "min")
+    if metric not in ("val_loss", "train_loss") or mode not in ("min", "max"):
+        fail(f"metric/mode: {metric!r}/{mode!r}; expected val_loss or train_loss, and min or max")
+    num_samples = raw.get("num_samples", 1)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        fail(f"num_samples must be a positive integer, got {num_samples!r}")
+    return SweepSpec(name=raw.get("name") or path.stem, base=base, search=search, tie=tie, num_samples=num_samples,
+                     search_alg=search_alg, scheduler=scheduler, metric=metric, mode=mode,
+                     max_concurrent_trials=raw.get("max_concurrent_trials"),
+                     storage_path=raw.get("storage_path", base.ray.storage_path), source=str(path))
+
+
+def _check_value(base: Config, tie: dict, key: str, value: Any, where: str) -> None:
+    trial = Config.from_dict(base.to_dict())
+    try:
+        apply_override(trial, f"{key}={json.dumps(value)}")
+        for tied, rule in tie.items():
+            if rule["of"] == key:
+                apply_override(trial, f"{tied}={json.dumps(value * rule['factor'])}")
+        validate(trial, f"search value {key}={value}")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: search: {e}") from None
+
+
+def trial_config(spec: SweepSpec, params: dict, trial_id: str) -> Config:
+    """The run config of one trial: base, the sampled values, the tied values, its own name."""
+    cfg = Config.from_dict(spec.base.to_dict())
+    for key, value in params.items():
+        apply_override(cfg, f"{key}={json.dumps(value)}")
+    for key, rule in spec.tie.items():
+        apply_override(cfg, f"{key}={json.dumps(params[rule['of']] * rule['factor'])}")
+    cfg.ray.name = trial_id
+    cfg.ray.storage_path = f"{spec.dir}/runs"
+    cfg.wandb.group = spec.name  # one W&B group per sweep, one run per trial
+    validate(cfg, f"trial {trial_id}")
+    return cfg
+
+
+def make_trainable(spec: SweepSpec):
+    """The Tune function trainable: one `raypipe.train` run with a TuneReportCallback."""
+    from ray import tune
+
+    def run_trial(params: dict) -> None:
+        from ray.tune.integration.ray_train import TuneReportCallback
+
+        from .train import run
+
+        cfg = trial_config(spec, params, tune.get_context().get_trial_id())
+        run(cfg, callbacks=[TuneReportCallback()])
+
+    # The trial itself only drives a TorchTrainer, whose workers hold the CPUs/GPUs; Tune refuses
+    # an empty request, so the driver asks for a sliver of a CPU.
+    return tune.with_resources(run_trial, {"CPU": 0.01})
+
+
+def param_space(spec: SweepSpec) -> dict:
+    from ray import tune
+
+    make = {"loguniform": lambda a: tune.loguniform(*a), "uniform": lambda a: tune.uniform(*a),
+            "choice": tune.choice, "grid": tune.grid_search}
+    return {key: make[kind](args) for key, domain in spec.search.items() for kind, args in domain.items()}
+
+
+def tune_config(spec: SweepSpec):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    # max_t one past the last step: a trial that reaches the end finishes by itself (and writes its
+    # summary) instead of being stopped by ASHA at its final report.
+    scheduler = (ASHAScheduler(time_attr="step", max_t=spec.base.train.max_steps + 1, grace_period=s.get("grace_period", 1),
+                               reduction_factor=s.get("reduction_factor", 2), brackets=s.get("brackets", 1))
+                 if s["type"] == "asha" else FIFOScheduler())
+    search_alg = None
+    if spec.search_alg == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise ConfigError(f"{spec.source}: search_alg optuna needs `pip install optuna`") from None
+        search_alg = OptunaSearch()
+    return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
+                           num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials)
+
+
+def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
+    from ray import tune
+
+    from .train import init_ray, prepare_data
+
+    prepare_data(spec.base)  # once, before any trial: every trial reads the same data
+    init_ray(spec.base)
+    trainable = make_trainable(spec)
+    if resume:
+        if not tune.Tuner.can_restore(spec.dir):
+            raise ConfigError(f"--resume: no sweep to resume at {spec.dir}")
+        tuner = tune.Tuner.restore(spec.dir, trainable, resume_unfinished=True, resume_errored=True,
+                                   param_space=param_space(spec))
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space(spec), tune_config=tune_config(spec),
+                           run_config=tune.RunConfig(name=spec.name, storage_path=spec.storage_path,
+                                                     failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    rows = collect_results(spec, grid)
+    write_outputs(spec, rows)
+    return rows
+
+
+# --- outputs -----------------------------------------------------------------------------------------
+
+
+def collect_results(spec: SweepSpec, grid) -> list[dict]:
+    """One row per trial, from each trial run's own files (summary.json, else its last checkpoint)."""
+    rows = [_row(spec, dict(result.config), result) for result in grid]
+    rows.sort(key=lambda r: (math.isnan(r["best_val_loss"]), r["best_val_loss"]))
+    return rows
+
+
+def _row(spec: SweepSpec, params: dict, result) -> dict:
+    trial_id = (result.metrics or {}).get("trial_id")
+    run_dir = Path(spec.dir) / "runs" / str(trial_id)
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file():
+        summary = json.loads(summary_path.read_text())
+        history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        best_ckpt, early = summary["best_checkpoint"], False
+    else:  # stopped by the scheduler: its last checkpoint holds the history it got to
+        last = latest_checkpoint(run_dir)
+        history = load_state(last)["history"] if last else []
+        best = min(history, key=lambda h: h["val_loss"], default=None)
+        best_ckpt = str(run_dir / f"checkpoint_{best['step']:07d}") if best else None
+        early = bool(history) and history[-1]["step"] < spec.base.train.max_steps
+    derived = {key: params[rule["of"]] * rule["factor"] for key, rule in spec.tie.items()}
+    vals = [h["val_loss"] for h in history]
+    return {"trial_id": trial_id, **params, **derived,
+            "best_val_loss": min(vals) if vals else float("nan"),
+            "final_val_loss": vals[-1] if vals else float("nan"),
+            "steps": history[-1]["step"] if history else 0, "stopped_early": early,
+            "status": "ERROR" if result.error else "TERMINATED", "best_checkpoint": best_ckpt,
+            "run_dir": str(run_dir), "history": history}
+
+
+def write_outputs(spec: SweepSpec, rows: list[dict]) -> None:
+    out = Path(spec.dir)
+    columns = [c for c in rows[0] if c != "history"]
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    best = rows[0]
+    best_cfg = trial_config(spec, {k: best[k] for k in spec.search}, "best")
+    best_cfg.ray.name, best_cfg.ray.storage_path, best_cfg.wandb.group = None, spec.base.ray.storage_path, None
+    (out / "best_config.yaml").write_text(
+        f"# Best trial of sweep {spec.name} ({spec.source}): {best['trial_id']}, best val_loss "
+        f"{best['best_val_loss']:.4f} at step {min(best['history'], key=lambda h: h['val_loss'])['step']}.\n"
+        f"# Run it: python -m raypipe.train --config {out / 'best_config.yaml'}\n"
+        + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    plot(spec, rows, out)
+    print_table(spec, rows)
+
+
+def plot(spec: SweepSpec, rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for key in spec.search:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early")):
+            pts = [(r[key], r["best_val_loss"]) for r in rows if r["stopped_early"] == stopped]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, label=label)
+        if "loguniform" in spec.search[key]:
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel="best val_loss", title=f"{spec.name}: val_loss against {key}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / f"val_loss_vs_{key.replace('.', '_')}.png", dpi=100)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        label = ", ".join(f"{k.split('.')[-1]}={r[k]:.3g}" if isinstance(r[k], float) else f"{k.split('.')[-1]}={r[k]}"
+                          for k in spec.search)
+        ax.plot([h["step"] for h in r["history"]], [h["val_loss"] for h in r["history"]], marker=".", label=label)
+    ax.set(xlabel="optimizer step", ylabel="val_loss", title=f"{spec.name}: val_loss curves")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "val_loss_curves.png", dpi=100)
+    plt.close(fig)
+
+
+def print_table(spec: SweepSpec, rows: list[dict]) -> None:
+    keys = list(spec.search) + list(spec.tie)
+    print(f"\n[raypipe] sweep {spec.name}: {len(rows)} trials, best first")
+    print("  ".join(f"{k:>22}" for k in keys) + f"  {'best val_loss':>13}  {'steps':>6}  early")
+    for r in rows:
+        print("  ".join(f"{r[k]:>22.4g}" if isinstance(r[k], float) else f"{r[k]!s:>22}" for k in keys)
+              + f"  {r['best_val_loss']:>13.4f}  {r['steps']:>6}  {'yes' if r['stopped_early'] else 'no'}")
+    print(f"[raypipe] results.csv, best_config.yaml and plots in {spec.dir}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m raypipe.sweep", description=__doc__.split("\n")[0])
+    p.add_argument("sweep", help="sweep file, e.g. sweeps/lr.yaml")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of this file")
+    p.add_argument("--storage-path", help="overrides the sweep's storage_path")
+    args = p.parse_args(argv)
+    try:
+        spec = load_sweep(args.sweep)
+        if args.storage_path:
+            spec.storage_path = args.storage_path
+        if "://" not in spec.storage_path:
+            spec.storage_path = str(Path(spec.storage_path).expanduser().resolve())
+        spec.base.data.dir = str(Path(spec.base.data.dir).expanduser().resolve())
+        start = time.perf_counter()
+        run_sweep(spec, resume=args.resume)
+        print(f"[raypipe] sweep wall time {time.perf_counter() - start:.0f}s")
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
