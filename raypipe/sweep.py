@@ -26,8 +26,8 @@ from .checkpoint import latest_checkpoint, load_state
 from .config import Config, ConfigError, all_keys, apply_override, load_config, parse_yaml, suggest_key, validate
 from .data import DataError
 
-SWEEP_KEYS = ("name", "base", "set", "search", "tie", "num_samples", "search_alg", "scheduler", "metric", "mode",
-              "resources", "max_concurrent_trials", "storage_path")
+SWEEP_KEYS = ("name", "base", "set", "search", "tie", "num_samples", "search_alg", "seed", "scheduler", "metric",
+              "mode", "resources", "max_concurrent_trials", "storage_path")
 DOMAINS = ("loguniform", "uniform", "choice", "grid")
 RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker")
 
@@ -40,6 +40,7 @@ class SweepSpec:
     tie: dict[str, dict] = field(default_factory=dict)  # dotted key -> {of: key, factor: x}
     num_samples: int = 1
     search_alg: str = "random"
+    seed: Optional[int] = None  # fixes the sampled configurations (random search)
     scheduler: dict = field(default_factory=lambda: {"type": "fifo"})
     metric: str = "val_loss"
     mode: str = "min"
@@ -131,7 +132,7 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if not isinstance(num_samples, int) or num_samples < 1:
         fail(f"num_samples must be a positive integer, got {num_samples!r}")
     return SweepSpec(name=raw.get("name") or path.stem, base=base, search=search, tie=tie, num_samples=num_samples,
-                     search_alg=search_alg, scheduler=scheduler, metric=metric, mode=mode,
+                     search_alg=search_alg, seed=raw.get("seed"), scheduler=scheduler, metric=metric, mode=mode,
                      max_concurrent_trials=raw.get("max_concurrent_trials"),
                      storage_path=raw.get("storage_path", base.ray.storage_path), source=str(path))
 
@@ -190,6 +191,7 @@ def param_space(spec: SweepSpec) -> dict:
 def tune_config(spec: SweepSpec):
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     s = spec.scheduler
     # max_t one past the last step: a trial that reaches the end finishes by itself (and writes its
@@ -197,13 +199,13 @@ def tune_config(spec: SweepSpec):
     scheduler = (ASHAScheduler(time_attr="step", max_t=spec.base.train.max_steps + 1, grace_period=s.get("grace_period", 1),
                                reduction_factor=s.get("reduction_factor", 2), brackets=s.get("brackets", 1))
                  if s["type"] == "asha" else FIFOScheduler())
-    search_alg = None
+    search_alg = BasicVariantGenerator(random_state=spec.seed)  # random and grid
     if spec.search_alg == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise ConfigError(f"{spec.source}: search_alg optuna needs `pip install optuna`") from None
-        search_alg = OptunaSearch()
+        search_alg = OptunaSearch(seed=spec.seed)
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
                            num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials)
 
