@@ -126,8 +126,8 @@ def load_sweep(path: str | Path) -> SweepSpec:
     if scheduler["type"] == "asha" and not 0 < scheduler.get("grace_period", 1) <= base.train.max_steps:
         fail(f"scheduler.grace_period {scheduler.get('grace_period')} must be in 1..train.max_steps ({base.train.max_steps})")
     metric, mode = raw.get("metric", "val_loss"), raw.get("mode", "min")
-    if metric not in ("val_loss", "train_loss") or mode not in ("min", "max"):
-        fail(f"metric/mode: {metric!r}/{mode!r}; expected val_loss or train_loss, and min or max")
+    if (metric, mode) != ("val_loss", "min"):  # the results table, best config and plots rank by it
+        fail(f"metric/mode: {metric!r}/{mode!r}; raypipe sweeps minimise val_loss (metric: val_loss, mode: min)")
     num_samples = raw.get("num_samples", 1)
     if not isinstance(num_samples, int) or num_samples < 1:
         fail(f"num_samples must be a positive integer, got {num_samples!r}")
