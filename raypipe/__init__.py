@@ -1,7 +1,17 @@
 """raypipe: pretrain small Gemma 3 style language models on Ray (Train for runs, Tune for sweeps)."""
 
-from .data import get_batch
-from .loop import estimate_loss
-
-__all__ = ["get_batch", "estimate_loss"]
 __version__ = "0.1.0"
+__all__ = ["get_batch", "estimate_loss"]
+
+
+def __getattr__(name: str):
+    # The seed's names, imported on first use: `python -m raypipe.prepare` need not pay for torch.
+    if name == "get_batch":
+        from .data import get_batch
+
+        return get_batch
+    if name == "estimate_loss":
+        from .loop import estimate_loss
+
+        return estimate_loss
+    raise AttributeError(f"module 'raypipe' has no attribute {name!r}")

@@ -199,15 +199,17 @@ def tune_config(spec: SweepSpec):
     scheduler = (ASHAScheduler(time_attr="step", max_t=spec.base.train.max_steps + 1, grace_period=s.get("grace_period", 1),
                                reduction_factor=s.get("reduction_factor", 2), brackets=s.get("brackets", 1))
                  if s["type"] == "asha" else FIFOScheduler())
-    search_alg = BasicVariantGenerator(random_state=spec.seed)  # random and grid
+    # random and grid; Tune ignores max_concurrent_trials for this generator, it takes its own limit
+    search_alg = BasicVariantGenerator(random_state=spec.seed, max_concurrent=spec.max_concurrent_trials or 0)
+    max_concurrent = None
     if spec.search_alg == "optuna":
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise ConfigError(f"{spec.source}: search_alg optuna needs `pip install optuna`") from None
-        search_alg = OptunaSearch(seed=spec.seed)
+        search_alg, max_concurrent = OptunaSearch(seed=spec.seed), spec.max_concurrent_trials
     return tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
-                           num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent_trials)
+                           num_samples=spec.num_samples, max_concurrent_trials=max_concurrent)
 
 
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:

@@ -40,7 +40,7 @@ def ray_cluster():
     """One local Ray for the session, sized for this 2-core machine, bound to 127.0.0.1."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
-             runtime_env={"env_vars": {"WANDB_SILENT": "true"}})
-    yield ray
+    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
+                       runtime_env={"env_vars": {"WANDB_SILENT": "true"}})
+    yield context  # .dashboard_url: the state API of this cluster, even with another Ray on the machine
     ray.shutdown()

@@ -99,7 +99,8 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(ray_cluster, embedd
         while time.time() < deadline and not killed:
             registered = re.findall(r"checkpoint_(\d{7})", snapshot.read_text()) if snapshot.is_file() else []
             if registered:
-                for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
+                for actor in list_actors(address=f"http://{ray_cluster.dashboard_url}",
+                                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]):
                     os.kill(actor["pid"], signal.SIGKILL)
                     killed.append((actor["pid"], max(map(int, registered))))
             time.sleep(0.1)
