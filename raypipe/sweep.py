@@ -277,6 +277,10 @@ def write_outputs(spec: SweepSpec, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     best = rows[0]
+    if not best["history"]:  # rows are sorted best first: no trial got as far as an evaluation
+        print(f"[raypipe] sweep {spec.name}: no trial reported a val_loss; see {out / 'results.csv'} "
+              "and the trials' logs", file=sys.stderr)
+        return
     best_cfg = trial_config(spec, {k: best[k] for k in spec.search}, "best")
     best_cfg.ray.name, best_cfg.ray.storage_path, best_cfg.wandb.group = None, spec.base.ray.storage_path, None
     (out / "best_config.yaml").write_text(
@@ -343,8 +347,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             spec.storage_path = str(Path(spec.storage_path).expanduser().resolve())
         spec.base.data.dir = str(Path(spec.base.data.dir).expanduser().resolve())
         start = time.perf_counter()
-        run_sweep(spec, resume=args.resume)
+        rows = run_sweep(spec, resume=args.resume)
         print(f"[raypipe] sweep wall time {time.perf_counter() - start:.0f}s")
+        failed = [r["trial_id"] for r in rows if r["status"] == "ERROR"]
+        if failed:
+            print(f"[raypipe] {len(failed)} trial(s) failed: {', '.join(map(str, failed))}", file=sys.stderr)
+            return 1 if len(failed) == len(rows) else 0
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
