@@ -49,11 +49,10 @@ def test_two_workers_train_report_and_checkpoint(ray_cluster, embedded_data, tmp
     model = load_model(best)
     assert read_config(best).model.n_layer == 2
     fresh = GemmaLM(model.cfg)
-    batches = {"val": BatchSampler(embedded_data, "val", 32, 8, "cpu", seed=0, stream="probe")}
-    loss = {name: estimate_loss(m, 4, contextlib.nullcontext(), batches)["val"] for name, m in
-            (("trained", model), ("fresh", fresh))}
-    for b in batches.values():
-        b.reset()
+    loss = {}
+    for name, m in (("trained", model), ("fresh", fresh)):  # the same val batches for both
+        batches = {"val": BatchSampler(embedded_data, "val", 32, 8, "cpu", seed=0, stream="probe")}
+        loss[name] = estimate_loss(m, 4, contextlib.nullcontext(), batches)["val"]
     assert loss["trained"] < loss["fresh"] - 0.5
     assert len(list(run_dir.glob("checkpoint_0*"))) == cfg.ray.checkpoints_to_keep
 
