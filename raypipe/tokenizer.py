@@ -8,6 +8,7 @@ same encoder; `encode_documents` builds it once per process.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 import urllib.request
@@ -201,3 +202,46 @@ def encode_documents(spec: TokenizerSpec, docs: list[str], dtype) -> np.ndarray:
         lengths = [len(x) for x in ids]
         flat = np.fromiter(chain.from_iterable(ids), dtype, count=sum(lengths))
     return np.insert(flat.astype(dtype, copy=False), np.cumsum(lengths), spec.eot_id)
+
+
+# --- prompts: encode and decode with what the data was tokenized with ------------------------------
+
+
+class TextTokenizer:
+    """encode/decode over whatever the data was tokenized with (meta.json's `tokenizer`)."""
+
+    def __init__(self, meta: dict, folder: Path):
+        spec = meta.get("tokenizer", {})
+        self.kind, self.eot_id = spec.get("kind"), meta.get("eot_id")
+        file = spec.get("file")
+        if file and (folder / file).is_file():
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(str(folder / file))
+            self._encode = lambda text: tok.encode(text).ids
+            self._decode = lambda ids: tok.decode(ids, skip_special_tokens=False)
+        elif self.kind == "gpt2":
+            import tiktoken
+
+            enc = tiktoken.get_encoding("gpt2")
+            self._encode = lambda text: enc.encode_ordinary(text)
+            self._decode = enc.decode
+        elif self.kind == "byte":
+            self._encode = lambda text: list(text.encode("utf-8"))
+            self._decode = lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        else:
+            raise TokenizerError(f"{folder}: no tokenizer to load (meta says {spec!r} and {file!r} is not there)")
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+
+def load_tokenizer(folder: str | Path, meta_name: str = "data_meta.json") -> TextTokenizer:
+    folder = Path(folder)
+    meta_path = folder / meta_name
+    if not meta_path.is_file():
+        raise TokenizerError(f"{meta_path} is missing: {folder} carries no tokenizer description")
+    return TextTokenizer(json.loads(meta_path.read_text()), folder)
