@@ -137,25 +137,27 @@ def load_sweep(path: str | Path) -> SweepSpec:
                      storage_path=raw.get("storage_path", base.ray.storage_path), source=str(path))
 
 
+def with_values(base: Config, params: dict, tie: dict) -> Config:
+    """A copy of `base` with the searched values and the values tied to them."""
+    cfg = Config.from_dict(base.to_dict())
+    for key, value in params.items():
+        apply_override(cfg, f"{key}={json.dumps(value)}")
+    for key, rule in tie.items():
+        if rule["of"] in params:
+            apply_override(cfg, f"{key}={json.dumps(params[rule['of']] * rule['factor'])}")
+    return cfg
+
+
 def _check_value(base: Config, tie: dict, key: str, value: Any, where: str) -> None:
-    trial = Config.from_dict(base.to_dict())
     try:
-        apply_override(trial, f"{key}={json.dumps(value)}")
-        for tied, rule in tie.items():
-            if rule["of"] == key:
-                apply_override(trial, f"{tied}={json.dumps(value * rule['factor'])}")
-        validate(trial, f"search value {key}={value}")
+        validate(with_values(base, {key: value}, tie), f"search value {key}={value}")
     except ConfigError as e:
         raise ConfigError(f"{where}: search: {e}") from None
 
 
 def trial_config(spec: SweepSpec, params: dict, trial_id: str) -> Config:
     """The run config of one trial: base, the sampled values, the tied values, its own name."""
-    cfg = Config.from_dict(spec.base.to_dict())
-    for key, value in params.items():
-        apply_override(cfg, f"{key}={json.dumps(value)}")
-    for key, rule in spec.tie.items():
-        apply_override(cfg, f"{key}={json.dumps(params[rule['of']] * rule['factor'])}")
+    cfg = with_values(spec.base, params, spec.tie)
     cfg.ray.name = trial_id
     cfg.ray.storage_path = f"{spec.dir}/runs"
     cfg.wandb.group = spec.name  # one W&B group per sweep, one run per trial

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 from .checkpoint import (MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_for_resume,
-                         load_state, verify)
+                         load_state, read_config, verify)
 from .config import Config, ConfigError, apply_override, load_config, validate
 from .corpus import prepare_embedded
-from .data import DataError, read_meta, unigram_entropy, validate_data
+from .data import DataError, unigram_entropy, validate_data
 from .loop import WorkerEnv, train
 from .model import GemmaLM
 
@@ -60,8 +60,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if args.storage_path:
         overrides.append(f"ray.storage_path={args.storage_path}")
     if args.resume and not args.config:
-        cfg = Config.from_dict(json.loads((resume_checkpoint / "config.json").read_text()),
-                               origin=str(resume_checkpoint / "config.json"))
+        cfg = read_config(resume_checkpoint)
         for item in overrides:
             apply_override(cfg, item)
         validate(cfg, "--set")
@@ -116,7 +115,7 @@ def dry_run(cfg: Config) -> None:
         meta = validate_data(cfg.data.dir, t.block_size, cfg.model.vocab_size)
         cfg.model.vocab_size = cfg.model.vocab_size or meta["vocab_size"]
         data_note = f"data: {cfg.data.dir} ok ({meta['tokens']['train']:,} train tokens)"
-    except DataError as e:
+    except DataError:
         if cfg.data.source == "embedded" and not Path(cfg.data.dir).exists():
             data_note = f"data: {cfg.data.dir} will be generated on the first run"
             cfg.model.vocab_size = cfg.model.vocab_size or cfg.data.tokenizer_vocab
