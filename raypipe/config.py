@@ -53,6 +53,9 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # Compute only: the output matmul runs on a vocabulary padded to this multiple (aligned GPU
+    # kernels); the padded logits get -inf and are never seen. Weights keep vocab_size rows. 0: off.
+    vocab_pad_multiple: int = 128
 
 
 @dataclass
@@ -70,7 +73,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
-    eval_interval: int = 50  # optimizer steps between evaluations (and checkpoints)
+    eval_interval: int = 50  # optimizer steps between evaluations
+    checkpoint_interval: Optional[int] = None  # steps between checkpoints, a multiple of eval_interval; None: every eval
     eval_batches: int = 8  # batches per split in estimate_loss
     log_interval: int = 10  # optimizer steps between per-step loss logs to W&B
     stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
@@ -79,7 +83,8 @@ class TrainConfig:
     sample_tokens: int = 48  # 0: no samples
     num_samples: int = 2
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)
-    compile: bool = False
+    compile: bool = False  # torch.compile the model (GPU configs turn it on; slow to start on CPU)
+    prefetch: bool = True  # CUDA: copy the next batch on a side stream while the current one computes
     seed: int = 1337
 
 
@@ -276,6 +281,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
         positive(m, "vocab_size", "model")
     if m.n_head % m.n_kv_head:
         fail("model.n_kv_head", m.n_kv_head, f"must divide model.n_head ({m.n_head})")
+    positive(m, "vocab_pad_multiple", "model", allow_zero=True)
     if m.head_dim % 2:
         fail("model.head_dim", m.head_dim, "must be even (rotary embeddings rotate pairs)")
 
@@ -290,6 +296,9 @@ def validate(cfg: Config, origin: str = "config") -> None:
              "the cosine decay would raise the rate; the peak rate is learning_rate")
     if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
         fail("train.stop_at", t.stop_at, f"must be between 1 and train.max_steps ({t.max_steps}), or null")
+    if t.checkpoint_interval is not None and (t.checkpoint_interval <= 0 or t.checkpoint_interval % t.eval_interval):
+        fail("train.checkpoint_interval", t.checkpoint_interval,
+             f"must be a positive multiple of train.eval_interval ({t.eval_interval}), or null (every evaluation)")
     if t.warmup_steps > t.max_steps:
         fail("train.warmup_steps", t.warmup_steps, f"must not exceed train.max_steps ({t.max_steps})")
     for name in ("beta1", "beta2"):
