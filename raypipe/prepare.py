@@ -41,14 +41,15 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .data import DTYPES, DataError, DatasetWriter, dtype_for_vocab
-from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec, encode_documents, file_spec,
-                        gpt2_spec, hf_spec, parse_spec, train_bpe)
+from .datafiles import DTYPES, DataError, DatasetWriter, dtype_for_vocab
+from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths,
+                        file_spec, gpt2_spec, hf_spec, parse_spec, train_bpe)
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 TXT_SPLITS = ("blank", "line", "eot")
@@ -216,11 +217,73 @@ def _json_text(line: str, column: str, path, where: str, obj=None) -> Optional[s
 
 @dataclass
 class Documents:
-    docs: list[str]
-    nbytes: int = 0  # input text bytes
+    """The non-empty documents of one task, in file order: their UTF-8 bytes back to back and their bounds."""
+    data: np.ndarray  # uint8; a lone surrogate from a JSON escape is kept as its "surrogatepass" bytes
+    offsets: np.ndarray  # int64, one more than documents: document i is data[offsets[i]:offsets[i + 1]]
+    texts: object  # the same documents as a list of str or a pyarrow string array
+    nbytes: int = 0  # input bytes
     empty: int = 0  # empty documents dropped
     bad_bytes: int = 0  # invalid UTF-8 bytes replaced
     first_bad: str = ""  # "file at byte N"
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def strings(self) -> list[str]:
+        return self.texts if isinstance(self.texts, list) else self.texts.to_pylist()
+
+
+def _from_strings(texts: list[str], **counts) -> Documents:
+    parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+    offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
+    return Documents(np.frombuffer(b"".join(parts), np.uint8), offsets, texts, **counts)
+
+
+def _from_arrow(arr, **counts) -> Documents:
+    """From a pyarrow string array, without copying its text; nulls and empty strings are dropped (counted)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(arr, pa.ChunkedArray):
+        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+    offsets_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
+    lengths = np.diff(np.frombuffer(arr.buffers()[1], offsets_type)[arr.offset:arr.offset + len(arr) + 1])
+    if arr.null_count or not lengths.all():
+        kept = arr.filter(pc.greater(pc.binary_length(arr), 0))  # a null's length is null: dropped too
+        counts["empty"] = counts.get("empty", 0) + len(arr) - len(kept)
+        arr = kept
+    offsets = np.frombuffer(arr.buffers()[1], offsets_type)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if len(arr) else np.zeros(0, np.uint8)
+    return Documents(data, offsets, arr, **counts)
+
+
+_BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # a "^" alternative would make the search 30x slower
+
+
+def _jsonl_column(data: bytes, column: str):
+    """The text column of a jsonl chunk through pyarrow's C++ JSON reader (about twice json.loads' speed,
+    and it keeps the text as UTF-8 bytes), or None for any chunk the record-by-record path must judge:
+    invalid UTF-8, a blank line, a line that is not one object with a string under `column`, a null."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    try:
+        data.decode("utf-8")  # pyarrow would not replace and count invalid bytes
+    except UnicodeDecodeError:
+        return None
+    if _BLANK_LINE.search(data) or re.match(rb"[ \t\r]*\n", data):
+        return None
+    try:
+        table = pj.read_json(pa.BufferReader(data), read_options=pj.ReadOptions(use_threads=False, block_size=len(data) + 1),
+                             parse_options=pj.ParseOptions(explicit_schema=pa.schema([(column, pa.string())]),
+                                                           unexpected_field_behavior="ignore"))
+    except (pa.ArrowException, ValueError):
+        return None
+    col = table.column(0)
+    lines = data.count(b"\n") + (not data.endswith(b"\n"))
+    if table.num_rows != lines or col.null_count:  # two values on a line; a missing key or a null
+        return None
+    return col
 
 
 def read_documents(task: Task, opts: Options) -> Documents:
@@ -228,20 +291,17 @@ def read_documents(task: Task, opts: Options) -> Documents:
     if task.fmt == "parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(task.path)
-        texts: list = []
-        for batch in pf.iter_batches(batch_size=8192, row_groups=[task.start], columns=[opts.text_column]):
-            texts += batch.column(0).to_pylist()
-        docs = [t for t in texts if t]
-        return Documents(docs, sum(len(t.encode("utf-8", "surrogatepass")) for t in docs), len(texts) - len(docs))
+        col = pq.ParquetFile(task.path).read_row_group(task.start, columns=[opts.text_column]).column(0)
+        return _from_arrow(col, nbytes=int(col.nbytes))
     with open(task.path, "rb") as f:
         f.seek(task.start)
         data = f.read(task.end - task.start)
+    if task.fmt == "jsonl" and (col := _jsonl_column(data, opts.text_column)) is not None:
+        return _from_arrow(col, nbytes=len(data))
     text, bad, first = _decode(data)
-    out = Documents([], len(data), bad_bytes=bad, first_bad=f"{task.path} at byte {task.start + first}" if bad else "")
+    counts = {"nbytes": len(data), "bad_bytes": bad, "first_bad": f"{task.path} at byte {task.start + first}" if bad else ""}
     if task.fmt == "txt":
-        out.docs = [d for d in (p.strip() for p in _TEXT_SEPARATORS[opts.txt_split].split(text)) if d]
-        return out
+        return _from_strings([d for d in (p.strip() for p in _TEXT_SEPARATORS[opts.txt_split].split(text)) if d], **counts)
     lines = [line for line in text.split("\n") if line.strip()]
     try:  # one parse of the whole chunk: far fewer Python calls than json.loads per line
         records = json.loads("[" + ",".join(lines) + "]")
@@ -249,6 +309,7 @@ def read_documents(task: Task, opts: Options) -> Documents:
             raise ValueError("a line holds more than one value")
     except ValueError:
         records = None  # parse line by line below, to name the bad record
+    docs, empty = [], 0
     for i, line in enumerate(lines):
         obj = records[i] if records is not None else None
         if not (isinstance(obj, dict) and isinstance(obj.get(opts.text_column), str)):
@@ -258,24 +319,30 @@ def read_documents(task: Task, opts: Options) -> Documents:
         else:
             doc = obj[opts.text_column]
         if doc:
-            out.docs.append(doc)
+            docs.append(doc)
         else:
-            out.empty += 1
-    return out
+            empty += 1
+    return _from_strings(docs, empty=empty, **counts)
 
 
-def split_documents(docs: list[str], task: Task, opts: Options) -> tuple[list[str], list[str]]:
-    """(train, val): by --val inputs when given, else by a keyed hash of each document's text."""
-    if task.split == "val":
-        return [], docs
-    if task.split == "train":
-        return docs, []
+def val_mask(docs: Documents, task: Task, opts: Options) -> np.ndarray:
+    """Which documents go to val: all or none for --val inputs and the others then, else by a keyed hash
+    of each document's UTF-8 bytes."""
+    if task.split is not None:
+        return np.full(len(docs), task.split == "val")
     key, cut = opts.seed.to_bytes(8, "little"), int(opts.val_fraction * 2**64)
-    train, val = [], []
-    for d in docs:
-        h = hashlib.blake2b(d.encode("utf-8", "surrogatepass"), digest_size=8, key=key).digest()
-        (val if int.from_bytes(h, "little") < cut else train).append(d)
-    return train, val
+    view, bounds = memoryview(docs.data), docs.offsets.tolist()
+    return np.fromiter((int.from_bytes(hashlib.blake2b(view[a:b], digest_size=8, key=key).digest(), "little") < cut
+                        for a, b in pairwise(bounds)), bool, len(docs))
+
+
+def _take(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The tokens of the documents where `keep`, in order: one slice per run of kept documents."""
+    if keep.all():
+        return tokens
+    bounds = np.concatenate([[0], np.cumsum(lengths)])
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], keep, [False]])))  # run starts and ends, alternating
+    return np.concatenate([tokens[bounds[a]:bounds[b]] for a, b in zip(edges[::2], edges[1::2])] or [tokens[:0]])
 
 
 @dataclass
@@ -292,10 +359,14 @@ class Result:
 
 def tokenize_task(task: Task, opts: Options, spec: TokenizerSpec, dtype: str) -> Result:
     d = read_documents(task, opts)
-    train, val = split_documents(d.docs, task, opts)
-    np_dtype = DTYPES[dtype]
-    return Result(encode_documents(spec, train, np_dtype), encode_documents(spec, val, np_dtype),
-                  len(train), len(val), d.nbytes, d.empty, d.bad_bytes, d.first_bad)
+    is_val = val_mask(d, task, opts)
+    if spec.kind == "byte":  # straight from the UTF-8 bytes, no str per document
+        tokens, lengths = encode_utf8(d.data, d.offsets, spec.eot_id, DTYPES[dtype]), np.diff(d.offsets) + 1
+    else:
+        tokens, lengths = encode_with_lengths(spec, d.strings(), DTYPES[dtype])
+    n_val = int(is_val.sum())
+    return Result(_take(tokens, lengths, ~is_val), _take(tokens, lengths, is_val), len(d) - n_val, n_val,
+                  d.nbytes, d.empty, d.bad_bytes, d.first_bad)
 
 
 # --- running the tasks: in-process, a process pool, or Ray Data ---------------------------------------
@@ -433,7 +504,8 @@ def build_tokenizer(tokenizer: str, train_tasks: list[Task], opts: Options, eot:
 
     def train_docs() -> Iterator[list[str]]:  # streamed: the trainer keeps word counts, not the text
         for task in train_tasks:
-            docs = split_documents(read_documents(task, opts).docs, task, opts)[0]
+            d = read_documents(task, opts)
+            docs = [t for t, v in zip(d.strings(), val_mask(d, task, opts)) if not v]
             if docs:
                 yield docs
 

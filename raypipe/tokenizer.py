@@ -188,20 +188,42 @@ def _encoder(spec: TokenizerSpec):
     return _ENCODERS[key]
 
 
-def encode_documents(spec: TokenizerSpec, docs: list[str], dtype) -> np.ndarray:
-    """Token ids of `docs`, each followed by the end-of-text id, as one flat array of `dtype`."""
-    if not docs:
+def encode_utf8(data: np.ndarray, offsets: np.ndarray, eot_id: int, dtype) -> np.ndarray:
+    """The byte tokenizer without per-document Python work: documents given as UTF-8 bytes back to back
+    (`data`, uint8) and their bounds (`offsets`, one more than documents) -> ids, end-of-text after each."""
+    n = len(offsets) - 1
+    if n <= 0:
         return np.zeros(0, dtype)
+    body = data[offsets[0]:offsets[-1]]
+    ends = offsets[1:] - offsets[0] + np.arange(n)  # where each end-of-text goes in the output
+    out = np.empty(body.size + n, dtype)
+    keep = np.ones(out.size, bool)
+    keep[ends] = False
+    out[keep] = body  # a masked copy: several times faster than np.insert
+    out[ends] = eot_id
+    return out
+
+
+def encode_with_lengths(spec: TokenizerSpec, docs: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `docs`, each followed by the end-of-text id, as one flat array of `dtype`, and each
+    document's token count (its end-of-text included)."""
+    if not docs:
+        return np.zeros(0, dtype), np.zeros(0, np.int64)
     if spec.kind == "byte":
         # "surrogatepass": a lone surrogate from a JSON escape is kept as bytes, not an error.
         parts = [d.encode("utf-8", "surrogatepass") for d in docs]
-        flat = np.frombuffer(b"".join(parts), np.uint8)
-        lengths = [len(p) for p in parts]
-    else:
-        ids = _encoder(spec)(docs)
-        lengths = [len(x) for x in ids]
-        flat = np.fromiter(chain.from_iterable(ids), dtype, count=sum(lengths))
-    return np.insert(flat.astype(dtype, copy=False), np.cumsum(lengths), spec.eot_id)
+        offsets = np.cumsum([0] + [len(p) for p in parts])
+        return encode_utf8(np.frombuffer(b"".join(parts), np.uint8), offsets, spec.eot_id, dtype), np.diff(offsets) + 1
+    ids = _encoder(spec)(docs)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
+    eot = (spec.eot_id,)
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, eot) for x in ids)), dtype, int(lengths.sum()))
+    return flat, lengths
+
+
+def encode_documents(spec: TokenizerSpec, docs: list[str], dtype) -> np.ndarray:
+    """Token ids of `docs`, each followed by the end-of-text id, as one flat array of `dtype`."""
+    return encode_with_lengths(spec, docs, dtype)[0]
 
 
 # --- prompts: encode and decode with what the data was tokenized with ------------------------------
