@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dir: str = "data/embedded"
+    dir: str = "data/embedded"  # a path, or a URI (s3://, gs://, file://...) copied to each node's cache_dir
     # "embedded": the project's own story corpus, generated and tokenized into `dir` when missing.
     # "prepared": `dir` must already hold train.bin / val.bin / meta.json (python -m raypipe.prepare).
     source: str = "embedded"
@@ -32,6 +32,10 @@ class DataConfig:
     tokenizer_vocab: int = 512  # byte-level BPE trained on the embedded corpus
     val_fraction: float = 0.05
     seed: int = 1234
+    # Node-local directory where each node keeps a verified copy of `dir` (raypipe/staging.py).
+    # None: read `dir` in place (one machine), or <tmp>/raypipe-data when `dir` is a URI.
+    # A node's $RAYPIPE_DATA_CACHE overrides it there.
+    cache_dir: str | None = None
 
 
 @dataclass
@@ -98,6 +102,7 @@ class RayConfig:
     name: Optional[str] = None  # None: "<config name>-<timestamp>"
     checkpoints_to_keep: int = 2  # best by val_loss
     max_failures: int = 0
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
@@ -254,6 +259,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 def validate(cfg: Config, origin: str = "config") -> None:
@@ -272,6 +278,12 @@ def validate(cfg: Config, origin: str = "config") -> None:
         fail("data.val_fraction", d.val_fraction, "must be between 0 and 1 (exclusive)")
     for name in ("num_stories", "tokenizer_vocab"):
         positive(d, name, "data")
+    if "://" in d.dir and d.source == "embedded":
+        fail("data.dir", d.dir, "the embedded corpus is generated on this machine into a path; "
+             "data from a URI needs data.source: prepared")
+    if d.cache_dir is not None and ("://" in d.cache_dir or not Path(d.cache_dir).expanduser().is_absolute()):
+        fail("data.cache_dir", d.cache_dir, "must be an absolute path on each node's local disk "
+             "(e.g. /tmp/raypipe-data or ~/.cache/raypipe), not a URI or a relative path")
     if d.tokenizer_vocab < 257:
         fail("data.tokenizer_vocab", d.tokenizer_vocab, "a byte-level BPE needs at least 257 tokens (256 bytes + end-of-text)")
 
@@ -315,5 +327,7 @@ def validate(cfg: Config, origin: str = "config") -> None:
     positive(r, "max_failures", "ray", allow_zero=True)
     if r.use_gpu:
         positive(r, "gpus_per_worker", "ray")
+    if r.placement_strategy not in PLACEMENT_STRATEGIES:
+        fail("ray.placement_strategy", r.placement_strategy, f"expected one of {', '.join(PLACEMENT_STRATEGIES)}")
     if w.mode not in WANDB_MODES:
         fail("wandb.mode", w.mode, f"expected one of {', '.join(WANDB_MODES)}")

@@ -40,6 +40,7 @@ class WorkerEnv:
     # report(metrics, checkpoint_dir or None): called by every rank the same number of times.
     report: Callable[[dict, Optional[Path]], None] = lambda metrics, checkpoint: None
     log: Callable[[str], None] = print
+    data_dir: Optional[str] = None  # a node-local copy of cfg.data.dir (raypipe/staging.py); None: cfg.data.dir
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -136,7 +137,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     """Train up to cfg.train.max_steps optimizer steps (or stop_at); return the summary (rank 0's
     is the run's). With `resume`, continue that checkpoint's run exactly where it stopped."""
     t, device = cfg.train, env.device
-    data_dir = cfg.data.dir
+    data_dir = env.data_dir or cfg.data.dir  # checkpoints keep cfg.data.dir, the location, not the copy
     meta = read_meta(data_dir)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = meta["vocab_size"]

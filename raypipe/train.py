@@ -26,6 +26,7 @@ from .corpus import prepare_embedded
 from .data import DataError, unigram_entropy, validate_data
 from .loop import WorkerEnv, train
 from .model import GemmaLM
+from .staging import is_uri, node_cache_dir, read_remote_meta, stage_data, staging_enabled
 
 
 class RunFailed(RuntimeError):
@@ -76,7 +77,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     stem = Path(args.config).stem if args.config else "default"
     cfg.ray.name = cfg.ray.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     # Workers run in other directories (and other machines): hand them absolute paths.
-    cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
+    if not is_uri(cfg.data.dir):
+        cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
     if "://" not in cfg.ray.storage_path:
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
     return cfg
@@ -95,12 +97,21 @@ def resolve_resume(path: str) -> tuple[Optional[Path], Path]:
     return p, latest
 
 
+def local_data_dir(cfg: Config) -> str:
+    """Where this process reads the data: cfg.data.dir, or this node's verified copy of it."""
+    if staging_enabled(cfg.data.dir, cfg.data.cache_dir):
+        return str(stage_data(cfg.data.dir, node_cache_dir(cfg.data.cache_dir)))
+    return cfg.data.dir
+
+
 def prepare_data(cfg: Config) -> dict:
     """Make sure the data exists and fits the run; fill model.vocab_size from it when unset.
-    A checkpoint to resume from must fit the model and the data: checked here, before Ray starts."""
+    A checkpoint to resume from must fit the model and the data: checked here, before Ray starts.
+    Data from a URI or with data.cache_dir is staged on the driver's node first: a bad copy or
+    checksum is an error here, before any worker starts."""
     if cfg.data.source == "embedded":
         prepare_embedded(cfg.data)
-    meta = validate_data(cfg.data.dir, cfg.train.block_size, cfg.model.vocab_size)
+    meta = validate_data(local_data_dir(cfg), cfg.train.block_size, cfg.model.vocab_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = meta["vocab_size"]
     if cfg.resume_from:
@@ -112,10 +123,16 @@ def dry_run(cfg: Config) -> None:
     t = cfg.train
     data_note = ""
     try:
-        meta = validate_data(cfg.data.dir, t.block_size, cfg.model.vocab_size)
+        if is_uri(cfg.data.dir):  # meta.json only: the copy to each node is made when the run starts
+            meta, _ = read_remote_meta(cfg.data.dir)
+            where = "copied to each node's cache at start"
+        else:
+            meta, where = validate_data(cfg.data.dir, t.block_size, cfg.model.vocab_size), "ok"
         cfg.model.vocab_size = cfg.model.vocab_size or meta["vocab_size"]
-        data_note = f"data: {cfg.data.dir} ok ({meta['tokens']['train']:,} train tokens)"
+        data_note = f"data: {cfg.data.dir} {where} ({meta['tokens']['train']:,} train tokens)"
     except DataError:
+        if is_uri(cfg.data.dir):
+            raise
         if cfg.data.source == "embedded" and not Path(cfg.data.dir).exists():
             data_note = f"data: {cfg.data.dir} will be generated on the first run"
             cfg.model.vocab_size = cfg.model.vocab_size or cfg.data.tokenizer_vocab
@@ -158,7 +175,8 @@ def train_func(loop_config: dict) -> dict:
 
     env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
-                    out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print)
+                    out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
+                    data_dir=local_data_dir(cfg))  # this node's verified copy when staging is on
     return train(cfg, env, resume)
 
 
@@ -197,7 +215,8 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
     return TorchTrainer(
         train_func,
         train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
+                                     placement_strategy=r.placement_strategy),
         run_config=RunConfig(
             name=r.name, storage_path=r.storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep,
@@ -230,6 +249,7 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     local_storage = "://" not in cfg.ray.storage_path
     run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"
     wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
+    print(f"[raypipe] run {cfg.ray.name}: outputs go to {run_dir}", flush=True)  # e.g. for `ray job logs`
     result = make_trainer(cfg, wandb_dir, callbacks).fit()
     if result.error:
         raise RunFailed(f"training failed: {result.error}\nrun directory (checkpoints kept): {result.path}")
@@ -238,7 +258,7 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     summary.update({
         "run_dir": result.path,
         "best_checkpoint": best[0].path if best else None,
-        "val_unigram_entropy": unigram_entropy(cfg.data.dir, "val"),
+        "val_unigram_entropy": unigram_entropy(local_data_dir(cfg), "val"),
         "data_dir": cfg.data.dir, "vocab_size": meta["vocab_size"],
         "wall_time_s": time.perf_counter() - wall_start,
     })

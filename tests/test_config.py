@@ -72,3 +72,16 @@ def test_dry_run_of_the_recipe_prints_its_size(capsys):
     assert "parameters: 164,654,976 (output head untied" in out
     assert "tokens per optimizer step: 131,072" in out
     assert "token budget: 614,465,536" in out
+
+
+def test_cluster_keys_are_checked():
+    assert load_config(None, ["data.cache_dir=/tmp/raypipe-data", "ray.placement_strategy=STRICT_SPREAD"])
+    with pytest.raises(ConfigError, match=r"'data.cache_dir' = 'cache': must be an absolute path on each node"):
+        load_config(None, ["data.cache_dir=cache"])
+    with pytest.raises(ConfigError, match=r"'data.cache_dir' = 's3://b/c': must be an absolute path"):
+        load_config(None, ["data.cache_dir=s3://b/c"])
+    with pytest.raises(ConfigError, match=r"'data.dir' = 's3://b/d': .*needs data.source: prepared"):
+        load_config(None, ["data.dir=s3://b/d"])
+    assert load_config(None, ["data.dir=s3://b/d", "data.source=prepared"]).data.dir == "s3://b/d"
+    with pytest.raises(ConfigError, match=r"'ray.placement_strategy' = 'SPREADX': expected one of PACK"):
+        load_config(None, ["ray.placement_strategy=SPREADX"])
