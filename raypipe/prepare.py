@@ -21,7 +21,7 @@ but a silent change is never made.
 The split is by document and reproducible: a document goes to val when a keyed hash of its text
 falls in the first `--val-fraction` of the hash range, so it does not depend on worker count or
 chunking, and duplicates of a document all land on the same side. `--val INPUT...` takes val from
-its own files instead. Output is streamed: each chunk of ~4 MB of input is tokenized by a worker
+its own files instead. Output is streamed: each chunk of ~1 MB of input is tokenized by a worker
 and written as soon as it and all chunks before it are done, so memory stays flat however large the
 corpus. The output directory appears at once at the end (written in a temporary sibling, renamed).
 """
@@ -33,6 +33,7 @@ import codecs
 import glob
 import hashlib
 import json
+import mmap
 import multiprocessing as mp
 import os
 import re
@@ -53,7 +54,8 @@ from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 TXT_SPLITS = ("blank", "line", "eot")
-CHUNK_BYTES = 4 << 20  # one task: big enough to amortize a round trip, small enough for flat memory
+CHUNK_BYTES = 1 << 20  # one task: big enough to amortize a round trip, small enough that the last
+# chunks do not leave a core idle for long
 
 # What ends a document (txt) or a record (jsonl) in bytes, to cut files into chunks of whole
 # documents, and in text, to split a chunk into documents.
@@ -220,7 +222,7 @@ class Documents:
     """The non-empty documents of one task, in file order: their UTF-8 bytes back to back and their bounds."""
     data: np.ndarray  # uint8; a lone surrogate from a JSON escape is kept as its "surrogatepass" bytes
     offsets: np.ndarray  # int64, one more than documents: document i is data[offsets[i]:offsets[i + 1]]
-    texts: object  # the same documents as a list of str or a pyarrow string array
+    texts: object  # the same documents as a list of str, or the pyarrow array they came from (with empties)
     nbytes: int = 0  # input bytes
     empty: int = 0  # empty documents dropped
     bad_bytes: int = 0  # invalid UTF-8 bytes replaced
@@ -230,7 +232,7 @@ class Documents:
         return len(self.offsets) - 1
 
     def strings(self) -> list[str]:
-        return self.texts if isinstance(self.texts, list) else self.texts.to_pylist()
+        return self.texts if isinstance(self.texts, list) else [t for t in self.texts.to_pylist() if t]
 
 
 def _from_strings(texts: list[str], **counts) -> Documents:
@@ -242,18 +244,21 @@ def _from_strings(texts: list[str], **counts) -> Documents:
 def _from_arrow(arr, **counts) -> Documents:
     """From a pyarrow string array, without copying its text; nulls and empty strings are dropped (counted)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     if isinstance(arr, pa.ChunkedArray):
         arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
-    offsets_type = np.int64 if pa.types.is_large_string(arr.type) else np.int32
-    lengths = np.diff(np.frombuffer(arr.buffers()[1], offsets_type)[arr.offset:arr.offset + len(arr) + 1])
-    if arr.null_count or not lengths.all():
-        kept = arr.filter(pc.greater(pc.binary_length(arr), 0))  # a null's length is null: dropped too
-        counts["empty"] = counts.get("empty", 0) + len(arr) - len(kept)
-        arr = kept
-    offsets = np.frombuffer(arr.buffers()[1], offsets_type)[arr.offset:arr.offset + len(arr) + 1].astype(np.int64)
-    data = np.frombuffer(arr.buffers()[2], np.uint8) if len(arr) else np.zeros(0, np.uint8)
+    n, first = len(arr), arr.offset
+    offsets = np.frombuffer(arr.buffers()[1], np.int64 if pa.types.is_large_string(arr.type) else np.int32)
+    offsets = offsets[first:first + n + 1].astype(np.int64)
+    data = np.frombuffer(arr.buffers()[2], np.uint8) if arr.buffers()[2] else np.zeros(0, np.uint8)
+    keep = np.diff(offsets) > 0
+    if arr.null_count:  # the validity bitmap, least significant bit first
+        keep &= np.unpackbits(np.frombuffer(arr.buffers()[0], np.uint8), bitorder="little")[first:first + n].astype(bool)
+    if not keep.all():
+        lengths = np.diff(offsets)
+        data = _take(data[offsets[0]:offsets[-1]], lengths, keep)
+        offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
+        counts["empty"] = counts.get("empty", 0) + n - int(keep.sum())
     return Documents(data, offsets, arr, **counts)
 
 
@@ -371,16 +376,30 @@ def tokenize_task(task: Task, opts: Options, spec: TokenizerSpec, dtype: str) ->
 
 # --- running the tasks: in-process, a process pool, or Ray Data ---------------------------------------
 
-_WORKER: tuple = ()
+_WORKER: tuple = ()  # (opts, spec, dtype, shared memory or None, tokens per slot), set in each worker
 
 
-def _init_worker(opts: Options, spec: TokenizerSpec, dtype: str) -> None:
+def _init_worker(*args) -> None:
     global _WORKER
-    _WORKER = (opts, spec, dtype)
+    _WORKER = args
 
 
-def _work(task: Task) -> Result:
-    return tokenize_task(task, *_WORKER)
+def _slot(shared, dtype: str, size: int, index: int) -> np.ndarray:
+    return np.frombuffer(shared, DTYPES[dtype], size, index * size * np.dtype(DTYPES[dtype]).itemsize)
+
+
+def _work(task: Task, slot: int) -> Result:
+    """Tokenize in a worker. The tokens go back through the task's slot of shared memory when they fit
+    (pickling them through the pool's pipe cost more CPU than the byte tokenizer itself); only counts
+    travel in the Result then."""
+    opts, spec, dtype, shared, size = _WORKER
+    r = tokenize_task(task, opts, spec, dtype)
+    n = r.train.size
+    if shared is not None and n + r.val.size <= size:
+        out = _slot(shared, dtype, size, slot)
+        out[:n], out[n:n + r.val.size] = r.train, r.val
+        r.train, r.val = n, r.val.size
+    return r
 
 
 @contextmanager
@@ -404,19 +423,34 @@ def run_local(tasks: Iterable[Task], opts: Options, spec: TokenizerSpec, dtype: 
         for task in tasks:
             yield tokenize_task(task, opts, spec, dtype)
         return
-    # fork: workers inherit the imports and the spec instead of re-importing torch. One tokenizer
-    # thread per worker process: the processes already fill the cores.
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    # fork: workers inherit the imports, the spec and the shared memory. One tokenizer thread per
+    # worker process: the processes already fill the cores.
+    fork = "fork" in mp.get_all_start_methods()
+    in_flight, size = 2 * workers, 2 * CHUNK_BYTES  # a chunk of n bytes rarely makes more than n tokens
+    # Task i's tokens come back in slot i % in_flight: results are taken in order, so a slot is read
+    # (written to the .bin) before the task that reuses it is submitted. An anonymous shared mapping
+    # made before the fork is the same memory in every worker.
+    shared = mmap.mmap(-1, in_flight * size * np.dtype(DTYPES[dtype]).itemsize) if fork else None
+    ctx = mp.get_context("fork" if fork else None)
     with _env(TOKENIZERS_PARALLELISM="false"):
-        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts, spec, dtype))
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts, spec, dtype, shared, size))
+
+    def take(pending: deque) -> Result:
+        slot, job = pending.popleft()
+        r = job.get()
+        if isinstance(r.train, int):  # in shared memory: views, used before the slot is reused
+            out = _slot(shared, dtype, size, slot)
+            r.train, r.val = out[:r.train], out[r.train:r.train + r.val]
+        return r
+
     with pool:
         pending: deque = deque()
-        for task in tasks:
-            pending.append(pool.apply_async(_work, (task,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
+        for i, task in enumerate(tasks):
+            pending.append((i % in_flight, pool.apply_async(_work, (task, i % in_flight))))
+            if len(pending) >= in_flight:
+                yield take(pending)
         while pending:
-            yield pending.popleft().get()
+            yield take(pending)
 
 
 def _ray_row(row: dict, opts: Options, spec: TokenizerSpec, dtype: str) -> dict:
