@@ -345,9 +345,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         spec = load_sweep(args.sweep)
         if args.storage_path:
             spec.storage_path = args.storage_path
-        if "://" not in spec.storage_path:
-            spec.storage_path = str(Path(spec.storage_path).expanduser().resolve())
-        spec.base.data.dir = str(Path(spec.base.data.dir).expanduser().resolve())
+        if "://" in spec.storage_path:  # the results table is read and written with local file I/O
+            raise ConfigError(f"{spec.source}: storage_path {spec.storage_path}: a sweep needs a local or shared "
+                              "filesystem path (e.g. an NFS/EFS mount on every node), not a URI")
+        spec.storage_path = str(Path(spec.storage_path).expanduser().resolve())
+        if "://" not in spec.base.data.dir:  # a URI is copied to each node's cache (raypipe/staging.py)
+            spec.base.data.dir = str(Path(spec.base.data.dir).expanduser().resolve())
         start = time.perf_counter()
         rows = run_sweep(spec, resume=args.resume)
         print(f"[raypipe] sweep wall time {time.perf_counter() - start:.0f}s")

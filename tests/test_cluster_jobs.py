@@ -130,7 +130,7 @@ def test_job_submit_with_token_auth(embedded_data, tmp_path):
     token, wandb_key = secrets.token_hex(32), "local-" + secrets.token_hex(20)
     cluster = LocalCluster(token)
     try:
-        cluster.start_node(num_cpus=1, resources={}, WANDB_API_KEY=wandb_key)
+        cluster.start_node(num_cpus=2, resources={}, WANDB_API_KEY=wandb_key)
         # Token auth is on: a client without the token is refused.
         refused = cluster.ray("job", "list", "--address", cluster.dashboard, token=False, timeout=60)
         assert refused.returncode != 0 and "Missing authentication token" in refused.stdout + refused.stderr
@@ -156,10 +156,21 @@ def test_job_submit_with_token_auth(embedded_data, tmp_path):
         logs = cluster.ray("job", "logs", "--address", cluster.dashboard, "raypipe-tiny", timeout=60).stdout
         driver_logs = all_bytes(cluster.root / "node0" / "session_latest" / "logs")
         assert b"outputs go to" in driver_logs  # the job driver's log is among them
+        # The same for a sweep (one trial): its table and best config land under its storage path.
+        sweep = tmp_path / "sweep.yaml"
+        sweep.write_text(yaml.safe_dump({
+            "name": "job-sweep", "base": "tiny.yaml", "set": ["train.max_steps=4", "train.eval_interval=2"],
+            "search": {"train.learning_rate": {"grid": [3e-3]}}, "scheduler": {"type": "fifo"},
+            "resources": {"num_workers": 1, "cpus_per_worker": 1}, "storage_path": str(tmp_path / "sweeps")}))
+        sub = cluster.ray("job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+                          "--", "python", "-m", "raypipe.sweep", str(sweep))
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-4000:]
+        assert (tmp_path / "sweeps" / "job-sweep" / "best_config.yaml").is_file()
+        out += sub.stdout + sub.stderr
         for secret in (token, wandb_key):
             assert secret not in out and secret not in logs
             assert secret.encode() not in driver_logs  # every Ray log of the session
-            assert secret.encode() not in all_bytes(run_dir)  # summary, config.yaml, W&B files, checkpoints
+            assert secret.encode() not in all_bytes(tmp_path)  # summaries, config.yaml, W&B files, checkpoints
     finally:
         cluster.stop()
 
