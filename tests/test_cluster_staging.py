@@ -94,3 +94,13 @@ def test_which_runs_stage_and_where(monkeypatch, tmp_path):
     assert node_cache_dir("/tmp/c") == Path("/tmp/c")
     monkeypatch.setenv("RAYPIPE_DATA_CACHE", str(tmp_path))  # a node's own disk wins over the config
     assert node_cache_dir("/tmp/c") == tmp_path
+
+
+def test_dry_run_reads_only_meta_json_of_a_uri(shared, tmp_path, capsys):
+    from raypipe.train import main
+
+    args = ["--dry-run", "--set", "data.source=prepared", "--storage-path", str(tmp_path / "runs")]
+    assert main([*args, "--set", f"data.dir=file://{shared}"]) == 0
+    assert f"data: file://{shared} copied to each node's cache at start" in capsys.readouterr().out
+    assert main([*args, "--set", f"data.dir=file://{tmp_path}/nowhere"]) == 2
+    assert "cannot read meta.json" in capsys.readouterr().err
