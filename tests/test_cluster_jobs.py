@@ -102,7 +102,7 @@ class LocalCluster:
         return found
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):  # raylet and GCS may ignore SIGTERM a while
             for pid in self.pids():
                 try:
                     os.kill(pid, sig)
