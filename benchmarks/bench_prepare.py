@@ -10,10 +10,15 @@ process tree's summed PSS, sampled every 0.5 s (PSS splits pages shared after fo
 sum is what the tree really holds).
 
 The baseline reads the same file line by line, json-decodes, encodes in batches of 1,024 documents
-with the same encoder as prepare (raypipe.tokenizer.encode_documents), appends end-of-text and
-writes one .bin: read, encode, write, one process. For BPE it runs with TOKENIZERS_PARALLELISM=false
-(one thread: a single-process loop) and again with the tokenizers library's own threads, since
-`encode_batch` alone already uses every core.
+with the same encoder as prepare (raypipe.tokenizer.encode_documents: the tokenizers library for BPE,
+a vectorised UTF-8 -> uint16 copy for byte), appends end-of-text and writes one .bin: read, encode,
+write, one process. For BPE it runs with TOKENIZERS_PARALLELISM=false (one thread: a single-process
+loop) and again with the tokenizers library's own threads, since `encode_batch` alone already uses
+every core. The "ceiling" row runs two such loops at once, each on one half of the corpus (cut at a
+line): what two cores give the plain loop's own work, without prepare's split, checksum and ordering.
+
+This process itself imports nothing heavy (the corpus is generated in a child): a forked child's
+ru_maxrss would otherwise start at this process' size.
 """
 
 from __future__ import annotations
@@ -54,10 +59,14 @@ def baseline(corpus: str, out: str, tokenizer: str) -> None:
 
 
 def make_corpus(path: Path, mb: int) -> None:
-    from raypipe.corpus import stories
-
     if path.is_file() and path.stat().st_size >= mb * 1e6:
         return
+    subprocess.run([sys.executable, __file__, "--make-corpus", str(path), str(mb)], check=True)
+
+
+def write_corpus(path: Path, mb: int) -> None:
+    from raypipe.corpus import stories  # imports torch (raypipe.data): only in a child
+
     tmp, seed, size = path.with_suffix(".tmp"), 0, 0
     with open(tmp, "w") as f:
         while size < mb * 1e6:
@@ -110,6 +119,35 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
             "stdout": out_buf.decode(), "stderr": err_buf.decode()}
 
 
+def halves(path: Path) -> tuple[Path, Path]:
+    """The corpus cut in two at the line nearest its middle (for the ceiling row), streamed: this
+    process must stay small (see the module docstring)."""
+    a, b = path.with_suffix(".half1.jsonl"), path.with_suffix(".half2.jsonl")
+    size = path.stat().st_size
+    if not (a.is_file() and b.is_file() and a.stat().st_size + b.stat().st_size == size):
+        with open(path, "rb") as src:
+            src.seek(size // 2)
+            src.readline()
+            cut = src.tell()
+            src.seek(0)
+            for dst, n in ((a, cut), (b, size - cut)):
+                with open(dst, "wb") as out:
+                    while n and (buf := src.read(min(n, 1 << 20))):
+                        out.write(buf)
+                        n -= len(buf)
+    return a, b
+
+
+def pair(*args: str) -> None:
+    """Two plain loops at once (run in a child process by `measure`): HALF1 OUT1 HALF2 OUT2 TOKENIZER."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--baseline", corpus, out, args[4]], stdout=subprocess.PIPE)
+             for corpus, out in ((args[0], args[1]), (args[2], args[3]))]
+    tokens = sum(json.loads(p.communicate()[0])["tokens"] for p in procs)
+    if any(p.returncode for p in procs):
+        sys.exit("a loop failed")
+    print(json.dumps({"tokens": tokens}))
+
+
 def prepare_cmd(corpus: Path, out: Path, tokenizer: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "raypipe.prepare", str(corpus), "--out", str(out), "--tokenizer", tokenizer,
             "--quiet", *extra]
@@ -151,7 +189,7 @@ def main() -> None:
         return rows[-1]
 
     r = measure([sys.executable, "-c", "import raypipe.prepare"])  # paid by every run below
-    print(f"start-up (python + import raypipe.prepare, which imports torch): {r['wall']:.2f} s, "
+    print(f"start-up (python + import raypipe.prepare): {r['wall']:.2f} s, "
           f"max RSS {r['maxrss_mb']:.0f} MB", flush=True)
     if a.only != "bpe":
         byte_rows(a, root, big, small, fresh, row)
@@ -165,6 +203,8 @@ def byte_rows(a, root, big, small, fresh, row) -> None:
     row("prepare byte (2 workers)", r, tokens_of(root / "byte"))
     r = measure([sys.executable, __file__, "--baseline", str(big), str(fresh("base-byte.bin")), "byte"])
     row("plain loop byte (1 process)", r, json.loads(r["stdout"])["tokens"])
+    r = measure([sys.executable, __file__, "--pair", *pair_args(big, fresh, "byte"), "byte"])
+    row("ceiling: 2 plain loops at once, one per half", r, json.loads(r["stdout"])["tokens"])
     r = measure(prepare_cmd(small, fresh("byte-small"), "byte"))
     row(f"prepare byte, {a.small_mb} MB corpus", r, tokens_of(root / "byte-small"), small.stat().st_size / 1e6)
 
@@ -183,9 +223,17 @@ def bpe_rows(a, root, big, small, fresh, row) -> None:
     r = measure([sys.executable, __file__, "--baseline", str(big), str(fresh("base-bpe-mt.bin")), str(tok)],
                 {"TOKENIZERS_PARALLELISM": "true"})
     row("plain loop bpe (1 process, tokenizers' threads)", r, json.loads(r["stdout"])["tokens"])
+    r = measure([sys.executable, __file__, "--pair", *pair_args(big, fresh, "bpe"), str(tok)],
+                {"TOKENIZERS_PARALLELISM": "false"})
+    row("ceiling: 2 plain loops at once, one per half (1 thread each)", r, json.loads(r["stdout"])["tokens"])
     r = measure(prepare_cmd(small, fresh("bpe-small"), str(tok)))
     row(f"prepare bpe tokenizer.json, {a.small_mb} MB corpus", r, tokens_of(root / "bpe-small"),
         small.stat().st_size / 1e6)
+
+
+def pair_args(big: Path, fresh, name: str) -> list[str]:
+    a, b = halves(big)
+    return [str(a), str(fresh(f"half1-{name}.bin")), str(b), str(fresh(f"half2-{name}.bin"))]
 
 
 def table(rows: list[dict]) -> None:
@@ -200,5 +248,9 @@ def table(rows: list[dict]) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--baseline":
         baseline(*sys.argv[2:5])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--pair":
+        pair(*sys.argv[2:7])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--make-corpus":
+        write_corpus(Path(sys.argv[2]), int(sys.argv[3]))
     else:
         main()

@@ -335,10 +335,13 @@ def val_mask(docs: Documents, task: Task, opts: Options) -> np.ndarray:
     of each document's UTF-8 bytes."""
     if task.split is not None:
         return np.full(len(docs), task.split == "val")
-    key, cut = opts.seed.to_bytes(8, "little"), int(opts.val_fraction * 2**64)
-    view, bounds = memoryview(docs.data), docs.offsets.tolist()
-    return np.fromiter((int.from_bytes(hashlib.blake2b(view[a:b], digest_size=8, key=key).digest(), "little") < cut
-                        for a, b in pairwise(bounds)), bool, len(docs))
+    keyed = hashlib.blake2b(digest_size=8, key=opts.seed.to_bytes(8, "little"))  # copied: the key is hashed once
+    view, bounds, digests = memoryview(docs.data), docs.offsets.tolist(), []
+    for a, b in pairwise(bounds):
+        h = keyed.copy()
+        h.update(view[a:b])
+        digests.append(h.digest())
+    return np.frombuffer(b"".join(digests), "<u8") < np.uint64(int(opts.val_fraction * 2**64))
 
 
 def _take(tokens: np.ndarray, lengths: np.ndarray, keep: np.ndarray) -> np.ndarray:

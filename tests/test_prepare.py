@@ -269,3 +269,85 @@ def test_training_refuses_a_dtype_mismatch(tmp_path):
     edit_meta(data, dtype="uint16", vocab_size=70_000)
     with pytest.raises(DataError, match=r"dtype uint16 cannot hold vocab_size 70000; expected uint32"):
         validate_data(data, 16)
+
+
+# --- the fast paths give what the plain ones give -------------------------------------------------------
+
+
+def test_import_does_not_load_torch():
+    # prepare's start-up was 1.2 s of torch import before its first byte; the writer needs numpy only.
+    code = "import sys, raypipe.prepare; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+JSONL_ODD = {  # a chunk of each kind the pyarrow reader leaves to the record-by-record parser
+    "blank line": '{"text": "a b"}\n\n{"text": "c"}\n',
+    "blank first line": ' \n{"text": "d"}\n',
+    "null": '{"text": null}\n{"text": "e"}\n',
+    "two values on a line": '{"text": "f"} {"text": "g"}\n',
+    "two values and a blank line": '{"text": "f"} {"text": "g"}\n\n{"text": "h"}\n',  # as many rows as lines
+    "lone surrogate": '{"text": "h\\ud800i"}\n',
+    "number": '{"text": 5}\n',
+}
+
+
+def test_jsonl_reader_takes_clean_chunks_only():
+    clean = "".join(json.dumps({"text": d, "id": i, "meta": {"x": [1, None]}}) + "\n" for i, d in enumerate(DOCS[:50]))
+    col = prep._jsonl_column(clean.encode(), "text")
+    assert col is not None and col.to_pylist() == DOCS[:50]
+    assert prep._jsonl_column(clean.encode()[:-1], "text") is not None  # the last line may lack its newline
+    for kind, text in JSONL_ODD.items():
+        assert prep._jsonl_column(text.encode(), "text") is None, kind
+    assert prep._jsonl_column(b'{"text": "caf\xe9"}\n', "text") is None  # invalid UTF-8: replaced and counted
+    assert prep._jsonl_column(b'{"body": "x"}\n', "text") is None  # a missing key: named in the error
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
+def test_jsonl_reader_and_record_parser_give_the_same_bytes(tmp_path, monkeypatch, tokenizer):
+    errors = ["number", "two values on a line", "two values and a blank line"]  # errors in both parsers
+    errors += [] if tokenizer == "byte" else ["lone surrogate"]  # the tokenizers library refuses these
+    odd = {k: v for k, v in JSONL_ODD.items() if k not in errors}
+    lines = [json.dumps({"text": d}) + "\n" for d in DOCS[:300]]
+    for i, text in enumerate(odd.values()):  # odd records among clean ones, in chunks of their own and not
+        lines.insert(40 * (i + 1), text)
+    lines.insert(20, '{"text": ""}\n')
+    (tmp_path / "c.jsonl").write_text("".join(lines))
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)
+    fast = prepare([str(tmp_path / "c.jsonl")], tmp_path / "fast", tokenizer, val_fraction=0.2, workers=2, **QUIET)
+    monkeypatch.setattr(prep, "_jsonl_column", lambda data, column: None)  # every chunk record by record
+    plain = prepare([str(tmp_path / "c.jsonl")], tmp_path / "plain", tokenizer, val_fraction=0.2, workers=2, **QUIET)
+    assert fast == plain and fast["source"]["empty_documents"] == 2
+    for name in ("train.bin", "val.bin"):
+        assert (tmp_path / "fast" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
+def test_arrow_documents_drop_nulls_and_empties_of_a_slice():
+    import pyarrow as pa
+
+    for typ in (pa.string(), pa.large_string()):
+        arr = pa.array(["zz", "a", None, "", "bé", None, "c", "tail"], typ).slice(1, 6)
+        d = prep._from_arrow(arr)
+        assert d.strings() == ["a", "bé", "c"] and d.empty == 3
+        assert [d.data[a:b].tobytes().decode() for a, b in zip(d.offsets, d.offsets[1:])] == ["a", "bé", "c"]
+
+
+def test_workers_send_tokens_through_shared_memory(tmp_path, monkeypatch):
+    import mmap
+
+    write_corpus(tmp_path / "in")
+    monkeypatch.setattr(prep, "CHUNK_BYTES", 5000)  # txt/jsonl chunks fit a slot; parquet row groups (~30 KB) do not
+    opts, spec = prep.Options(val_fraction=0.2), prep.byte_spec()
+    tasks = list(prep.plan_tasks(prep.expand_inputs([str(tmp_path / "in")]), opts))
+    via = {"slot": 0, "pipe": 0}
+    for task, r in zip(tasks, prep.run_local(tasks, opts, spec, "uint16", workers=2)):
+        expected = prep.tokenize_task(task, opts, spec, "uint16")
+        assert np.array_equal(r.train, expected.train) and np.array_equal(r.val, expected.val)
+        base = r.train  # array -> ... -> memoryview -> the shared mapping; else unpickled from the pipe
+        while isinstance(base, (np.ndarray, memoryview)):
+            base = base.obj if isinstance(base, memoryview) else base.base
+        fits = r.train.size + r.val.size <= 2 * prep.CHUNK_BYTES  # a slot's size
+        assert isinstance(base, mmap.mmap) == fits, task
+        via["slot" if fits else "pipe"] += 1
+    assert via["slot"] > 5 and via["pipe"] >= 3  # the parquet row groups of 64 documents do not fit
