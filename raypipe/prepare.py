@@ -246,7 +246,7 @@ def _from_arrow(arr, **counts) -> Documents:
     import pyarrow as pa
 
     if isinstance(arr, pa.ChunkedArray):
-        arr = pa.concat_arrays(arr.chunks) if arr.num_chunks != 1 else arr.chunk(0)
+        arr = arr.chunk(0) if arr.num_chunks == 1 else arr.combine_chunks()
     n, first = len(arr), arr.offset
     offsets = np.frombuffer(arr.buffers()[1], np.int64 if pa.types.is_large_string(arr.type) else np.int32)
     offsets = offsets[first:first + n + 1].astype(np.int64)
@@ -296,8 +296,9 @@ def read_documents(task: Task, opts: Options) -> Documents:
     if task.fmt == "parquet":
         import pyarrow.parquet as pq
 
-        col = pq.ParquetFile(task.path).read_row_group(task.start, columns=[opts.text_column]).column(0)
-        return _from_arrow(col, nbytes=int(col.nbytes))
+        d = _from_arrow(pq.ParquetFile(task.path).read_row_group(task.start, columns=[opts.text_column]).column(0))
+        d.nbytes = int(d.offsets[-1] - d.offsets[0])  # the text's bytes
+        return d
     with open(task.path, "rb") as f:
         f.seek(task.start)
         data = f.read(task.end - task.start)
@@ -421,7 +422,8 @@ def _env(**values: str):
 
 def run_local(tasks: Iterable[Task], opts: Options, spec: TokenizerSpec, dtype: str, workers: int) -> Iterator[Result]:
     """Results in task order. At most 2 tasks per worker are in flight, so memory does not grow with
-    the corpus (Pool.imap would read ahead without bound)."""
+    the corpus (Pool.imap would read ahead without bound). A result's arrays may be views of shared
+    memory: use them before asking for the next result."""
     if workers <= 1:
         for task in tasks:
             yield tokenize_task(task, opts, spec, dtype)
