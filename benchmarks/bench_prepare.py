@@ -6,7 +6,7 @@ The corpus is generated stories (raypipe.corpus.stories) as .jsonl, TinyStories'
 --dir (never the repo). Every measured run is a child process: wall time includes its start
 (imports), and memory is measured from outside. Peak memory is reported two ways: the largest
 single process (ru_maxrss from wait4, which covers its waited-for children too) and the peak of the
-process tree's summed PSS, sampled every 0.5 s (PSS splits pages shared after fork fairly, so the
+process tree's summed PSS, sampled every 0.1 s (PSS splits pages shared after fork fairly, so the
 sum is what the tree really holds).
 
 The baseline reads the same file line by line, json-decodes, encodes in batches of 1,024 documents
@@ -105,7 +105,7 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     def sample():
         while proc.returncode is None:
             peak[0] = max(peak[0], tree_pss_kb(proc.pid))
-            time.sleep(0.5)
+            time.sleep(0.1)  # byte runs last about a second
 
     threading.Thread(target=sample, daemon=True).start()
     out_buf = proc.stdout.read()  # drain before waiting (a full pipe would block the child)
@@ -183,7 +183,7 @@ def main() -> None:
 
     def row(name: str, r: dict, tokens: int, size_mb: float = mb) -> dict:
         rows.append({"run": name, "MB": size_mb, **r, "tokens": tokens})
-        print(f"{name}: {r['wall']:.1f} s, {size_mb / r['wall']:.1f} MB/s, {tokens / r['wall']:,.0f} tokens/s, "
+        print(f"{name}: {r['wall']:.2f} s, {size_mb / r['wall']:.1f} MB/s, {tokens / r['wall']:,.0f} tokens/s, "
               f"max RSS {r['maxrss_mb']:.0f} MB, peak tree PSS {r['pss_mb']:.0f} MB, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         return rows[-1]
@@ -240,7 +240,7 @@ def table(rows: list[dict]) -> None:
     print("\n| run | corpus MB | wall s | MB/s | tokens/s | max RSS of one process MB | peak PSS of the tree MB |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for x in rows:
-        print(f"| {x['run']} | {x['MB']:.0f} | {x['wall']:.1f} | {x['MB'] / x['wall']:.1f} | "
+        print(f"| {x['run']} | {x['MB']:.0f} | {x['wall']:.2f} | {x['MB'] / x['wall']:.1f} | "
               f"{x['tokens'] / x['wall']:,.0f} | {x['maxrss_mb']:.0f} | {x['pss_mb']:.0f} |")
     print(f"\nload average after: {os.getloadavg()}")
 
