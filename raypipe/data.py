@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -155,10 +157,10 @@ def get_batch(split: str, block_size: int, batch_size: int, device: torch.device
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
     windows = data[starts[:, None] + np.arange(block_size + 1)]  # one gather, no per-sample loop
     windows = torch.from_numpy(windows.astype(np.int64))
-    x, y = windows[:, :-1], windows[:, 1:]
-    if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.contiguous().to(device), y.contiguous().to(device)
+    if device_type == "cuda":  # one pinned buffer, one asynchronous copy; x and y are views of it
+        windows = windows.pin_memory().to(device, non_blocking=True)
+        return windows[:, :-1], windows[:, 1:]
+    return windows[:, :-1].contiguous().to(device), windows[:, 1:].contiguous().to(device)
 
 
 class BatchSampler:
@@ -175,9 +177,80 @@ class BatchSampler:
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
 
+    # The position in the stream, for checkpoints: the state after the last batch handed out.
+    def get_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return get_batch(self.split, self.block_size, self.batch_size, self.device,
                          data_dir=self.data_dir, dtype=self.dtype, generator=self.generator)
+
+
+class CudaPrefetcher:
+    """A BatchSampler read ahead by a background thread: it draws the next `depth` batches and
+    copies each to the GPU on its own stream while the training step computes, so the step's
+    thread only picks up a batch that is already there (and the GPU waits for its copy, not the host).
+
+    Same batches, same order as the sampler alone. `get_state` is the sampler's state before the
+    next batch to be handed out, so a checkpoint resumes exactly there, not past the read-ahead.
+    Restore a position into the sampler before wrapping it.
+    """
+
+    def __init__(self, sampler: BatchSampler, depth: int = 2):
+        self.sampler = sampler
+        index = sampler.device.index if sampler.device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)  # the thread must name its device: "cuda" alone will not do
+        self.stream = torch.cuda.Stream(self.device)
+        self.ready: queue.Queue = queue.Queue(maxsize=depth)
+        self.next_item = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._produce, name="raypipe-prefetch", daemon=True)
+        self.thread.start()
+
+    def _produce(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+                    state = self.sampler.get_state()
+                    x, y = self.sampler()
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                item = (x, y, copied, state)
+            except BaseException as e:  # handed to the step's thread and raised there
+                item = e
+            while not self.stopped.is_set():
+                try:
+                    self.ready.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item, BaseException):
+                return
+
+    def _peek(self):
+        if self.next_item is None:
+            self.next_item = self.ready.get()
+            if isinstance(self.next_item, BaseException):
+                raise self.next_item
+        return self.next_item
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y, copied, _ = self._peek()
+        self.next_item = None
+        compute = torch.cuda.current_stream(self.device)
+        compute.wait_event(copied)  # the GPU waits for the copy; the host does not
+        x.record_stream(compute)  # allocated on the copy stream: keep it until compute is done with it
+        return x, y
+
+    def get_state(self) -> torch.Tensor:
+        return self._peek()[3]
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.thread.join()
 
 
 def unigram_entropy(data_dir: str | Path, split: str = "val") -> float:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import (Resume, capture_rank_state, check_compatible, load_model_weights,
                          restore_rank_state, save_checkpoint)
 from .config import Config
-from .data import BatchSampler, read_meta
+from .data import BatchSampler, CudaPrefetcher, read_meta
 from .generate import cut_at, generate
 from .model import GemmaLM
 from .optim import configure_optimizer, lr_at
@@ -129,6 +129,20 @@ def sample_texts(model: GemmaLM, tokenizer: TextTokenizer, t, device: torch.devi
     return [tokenizer.decode(cut_at(row, len(prompt), tokenizer.eot_id)) for row in out.tolist()]
 
 
+class Timed:
+    """Wraps a batch source and adds up the host time spent in it (the step's wait for data)."""
+
+    def __init__(self, source: Callable):
+        self.source, self.seconds = source, 0.0
+
+    def __call__(self):
+        start = time.perf_counter()
+        try:
+            return self.source()
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
@@ -156,7 +170,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     def sampler(split: str, stream: str) -> BatchSampler:
         return BatchSampler(data_dir, split, t.block_size, t.batch_size, device, t.seed, env.rank, stream)
 
-    next_train_batch = sampler("train", "batches")
+    train_batches = sampler("train", "batches")
     eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
     tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * env.world_size
 
@@ -168,11 +182,14 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         load_model_weights(raw_model, resume.model, resume.path)
         optimizer.load_state_dict(resume.optimizer)
         scaler.load_state_dict(resume.state["scaler"])
-        restore_rank_state(resume.rank_state, next_train_batch.generator, device)
+        restore_rank_state(resume.rank_state, train_batches, device)
         run.update({k: resume.state[k] for k in run if k not in ("world_size", "run_name")})
         run["restarts"] += 1
         if resume.state.get("run_name") != env.run_name:  # a new run from another's checkpoint: new W&B run
             run["wandb_run_id"] = None
+    if device.type == "cuda" and t.prefetch:  # after a resume has set the sampler's position
+        train_batches = CudaPrefetcher(train_batches)
+    next_train_batch = Timed(train_batches)
     model = torch.compile(raw_model) if t.compile else raw_model
     if env.world_size > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -194,11 +211,12 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         if resume is not None:
             env.log(f"[raypipe] resumed from {resume.path.name} at step {run['step']} (restart {run['restarts']})")
 
-    train_time, start = 0.0, time.perf_counter()
+    train_time, start, step_times, data_waits = 0.0, time.perf_counter(), [], []
+    checkpoint_every = t.checkpoint_interval or t.eval_interval
     nonfinite_streak = 0
     try:
         for step in range(first_step, last_step + 1):
-            step_start = time.perf_counter()
+            step_start, waited_before = time.perf_counter(), next_train_batch.seconds
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -222,7 +240,9 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            train_time += time.perf_counter() - step_start
+            step_times.append(time.perf_counter() - step_start)
+            data_waits.append(next_train_batch.seconds - waited_before)
+            train_time += step_times[-1]
             run["step"] = step
             run["step_losses"].append(step_loss)
             if step % t.log_interval == 0:
@@ -237,6 +257,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
                     "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
                     "grad_norm": grad_norm, "step_loss": step_loss, "skipped_steps": run["skipped_steps"],
                     "tokens_per_sec": (step - first_step + 1) * tokens_per_step / train_time,
+                    "data_wait_frac": sum(data_waits) / train_time,
                     "elapsed_s": time.perf_counter() - start,
                 }
                 run["history"].append(metrics)
@@ -250,14 +271,19 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
                     for text in samples:
                         env.log(f"[raypipe] sample @ step {step}: {text!r}")
                     tracker.log_samples(step, t.sample_prompt, samples)
+                if step % checkpoint_every and step != last_step:
+                    env.report(metrics, None)
+                    continue
                 with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
-                    rank_state = capture_rank_state(next_train_batch.generator, device)
+                    rank_state = capture_rank_state(train_batches, device)
                     extra = dict(model=raw_model, optimizer=optimizer, config=cfg, copy_files=data_files,
                                  state={**run, "tokens": metrics["tokens"], "scaler": scaler.state_dict()}) if master else {}
                     checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", rank=env.rank,
                                                  rank_state=rank_state, **extra)
                     env.report(metrics, checkpoint)
     finally:
+        if isinstance(train_batches, CudaPrefetcher):
+            train_batches.close()
         tracker.finish()  # also on errors: W&B keeps what was logged
     history = run["history"]
     best = min(history, key=lambda h: h["val_loss"])
@@ -269,4 +295,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         "train_time_s": train_time, "num_params": raw_model.num_params(), "world_size": env.world_size,
         "skipped_steps": run["skipped_steps"], "restarts": run["restarts"],
         "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history,
+        # this session's steps, for benchmarks: wall time of each, host time waiting for batches
+        "step_times_s": step_times, "data_wait_s": data_waits,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
     }

@@ -19,6 +19,9 @@ import torch.nn.functional as F
 from .config import ModelConfig
 
 
+ROPE_POSITIONS = 2048  # rotary tables precomputed for this many positions; longer inputs extend them
+
+
 class RMSNorm(nn.Module):
     """Gemma's RMSNorm: computed in float32, weight stored as an offset from 1 (initialised to 0)."""
 
@@ -94,15 +97,13 @@ class Attention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.update(self.layer, k, v)
-        if self.n_kv_head != self.n_head:  # grouped-query attention: share each KV head
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        gqa = self.n_kv_head != self.n_head  # grouped-query: SDPA shares each KV head, no copies
         if start == 0 and (self.window is None or T <= self.window):
             # Within the window a sliding layer is plain causal attention: the flash path, no mask.
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
             mask = attention_mask(start, T, k.shape[2], self.window, x.device)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -156,11 +157,31 @@ class GemmaLM(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # The output matmul runs on a vocabulary padded to a multiple of vocab_pad_multiple: an odd
+        # width (GPT-2's 50,257) misaligns the logits' rows and slows every kernel that touches them.
+        # Padded rows are zeros plus a -inf bias, so softmax and the loss never see them.
+        multiple = cfg.vocab_pad_multiple or 1
+        self.padded_vocab = -(-cfg.vocab_size // multiple) * multiple
+        pad_bias = torch.zeros(self.padded_vocab)
+        pad_bias[cfg.vocab_size:] = float("-inf")
+        self.register_buffer("pad_bias", pad_bias, persistent=False)  # not in the state dict
+        # Rotary tables computed once, not in every forward: a compiled graph would otherwise fuse
+        # cos/sin into the q/k kernels and evaluate them per element of every head (~6% of a step).
+        self.rope_positions = 0
+        self.extend_rope(ROPE_POSITIONS)
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def extend_rope(self, positions: int) -> None:
+        device = self.embed_tokens.weight.device
+        for name, base in (("local", self.cfg.rope_local_base), ("global", self.cfg.rope_global_base)):
+            cos, sin = rope_cache(positions, self.cfg.head_dim, base, device)
+            self.register_buffer(f"rope_{name}_cos", cos, persistent=False)
+            self.register_buffer(f"rope_{name}_sin", sin, persistent=False)
+        self.rope_positions = positions
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
@@ -174,18 +195,27 @@ class GemmaLM(nn.Module):
         start = cache.length if cache is not None else 0
         x = self.embed_tokens(idx)
         x = x * torch.tensor(math.sqrt(self.cfg.n_embd), dtype=x.dtype)
-        rope_local, rope_global = ((c[start:], s[start:]) for c, s in (
-            rope_cache(start + T, self.cfg.head_dim, base, idx.device)
-            for base in (self.cfg.rope_local_base, self.cfg.rope_global_base)))
+        if start + T > self.rope_positions:  # a longer generation than the tables hold
+            self.extend_rope(2 * (start + T))
+        end = start + T
+        rope_local = self.rope_local_cos[start:end], self.rope_local_sin[start:end]
+        rope_global = self.rope_global_cos[start:end], self.rope_global_sin[start:end]
         for layer in self.layers:
             x = layer(x, rope_local, rope_global, cache)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm(x))
+        logits = self.output_logits(self.norm(x))
         loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
-        return logits, loss
+        if targets is not None:  # over the padded width: the -inf columns add nothing
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits[..., :self.cfg.vocab_size], loss
+
+    def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., padded_vocab] logits; columns from vocab_size on are -inf."""
+        pad = self.padded_vocab - self.cfg.vocab_size
+        if pad == 0:
+            return self.lm_head(h)
+        return F.linear(h, F.pad(self.lm_head.weight, (0, 0, 0, pad)), self.pad_bias)
 
 
 def flops_per_token(cfg: ModelConfig, num_params: int, block_size: int) -> float:

@@ -186,6 +186,15 @@ def _worker_print(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
+# Passed on to Ray's workers when set here: NCCL's settings, and the switches that keep NVLink
+# multicast off on shared hosts (NCCL_NVLS_ENABLE=0 and its PyTorch / NVSHMEM twins).
+WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_")
+
+
+def worker_env_vars() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+
+
 def init_ray(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
     import ray
@@ -193,7 +202,7 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env_vars()}})
     need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
     need_gpu = cfg.ray.num_workers * cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0
     have = ray.cluster_resources()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from raypipe.data import BatchSampler, DataError, get_batch, read_meta, unigram_entropy, validate_data, write_dataset
+from raypipe.data import (BatchSampler, CudaPrefetcher, DataError, get_batch, read_meta, unigram_entropy, validate_data,
+                          write_dataset)
 
 
 def make_data(root: Path, n_train: int = 5000, n_val: int = 1000, vocab: int = 60000) -> Path:
@@ -95,3 +96,23 @@ def test_embedded_corpus_is_reused_and_beatable(embedded_data):
     assert prepare_embedded(same, log=print) == meta and (embedded_data / "train.bin").stat().st_mtime_ns == before
     with pytest.raises(DataError, match="holds data built from"):
         prepare_embedded(DataConfig(dir=str(embedded_data), num_stories=10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_prefetcher_same_batches_and_resume_position(tmp_path):
+    data = make_data(tmp_path)
+    reference = BatchSampler(data, "train", 16, 4, "cuda", seed=3)
+    expected = [reference() for _ in range(6)]
+    ahead = CudaPrefetcher(BatchSampler(data, "train", 16, 4, "cuda", seed=3), depth=2)
+    for x, y in expected[:3]:
+        got = ahead()
+        assert torch.equal(got[0], x) and torch.equal(got[1], y)
+    state = ahead.get_state()  # the thread has read past batch 3; the saved position must not be
+    ahead.close()
+    resumed = BatchSampler(data, "train", 16, 4, "cuda", seed=3)
+    resumed.set_state(state)
+    resumed_ahead = CudaPrefetcher(resumed)
+    for x, y in expected[3:]:
+        got = resumed_ahead()
+        assert torch.equal(got[0], x) and torch.equal(got[1], y)
+    resumed_ahead.close()

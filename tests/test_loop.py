@@ -86,3 +86,28 @@ def test_loop_without_ray_learns_and_checkpoints(embedded_data, tmp_path):
     batches = {"val": BatchSampler(embedded_data, "val", 32, 8, "cpu", cfg.train.seed, stream="eval")}
     val = estimate_loss(model, cfg.train.eval_batches, contextlib.nullcontext(), batches)["val"]
     assert val == pytest.approx(final_metrics["val_loss"], rel=1e-5)  # same weights, same eval stream
+
+
+def test_padded_vocabulary_keeps_the_loss_curve(embedded_data, tmp_path):
+    """vocab_pad_multiple only changes the output matmul's width: the same run, step by step."""
+    curves = {}
+    for multiple in (0, 1000):  # 512 -> 1000: 488 padded columns the loss must never see
+        cfg = tiny_config(embedded_data, tmp_path / str(multiple), max_steps=20)
+        cfg.model.vocab_pad_multiple, cfg.wandb.mode, cfg.train.sample_tokens = multiple, "disabled", 0
+        summary = train(cfg, WorkerEnv(log=lambda _: None))
+        curves[multiple] = summary["history"], summary["step_times_s"], summary["data_wait_s"]
+    (plain, times, waits), (padded, _, _) = curves[0], curves[1000]
+    assert len(times) == len(waits) == 20 and all(w <= t for w, t in zip(waits, times))
+    for a, b in zip(plain, padded):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "step_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
+def test_checkpoint_interval_reports_every_eval_and_checkpoints_less_often(embedded_data, tmp_path):
+    cfg = tiny_config(embedded_data, tmp_path, max_steps=50, checkpoint_interval=20)
+    cfg.wandb.mode, cfg.train.sample_tokens = "disabled", 0
+    reports = []
+    train(cfg, WorkerEnv(report=lambda m, c: reports.append((m["step"], c and c.name)), log=lambda _: None))
+    assert reports == [(10, None), (20, "checkpoint_0000020"), (30, None), (40, "checkpoint_0000040"),
+                       (50, "checkpoint_0000050")]  # the last step always gets one

@@ -67,6 +67,16 @@ def test_two_workers_train_report_and_checkpoint(ray_cluster, embedded_data, tmp
         assert row["samples._type"] == "table-file" and row["samples.nrows"] == 2 * evals
     assert wandb_config(wandb_run)["train"]["max_steps"] == 40
 
+    # One worker accumulating twice as many micro-batches: the same effective batch, so the same
+    # loss curve up to sampling noise (measured: within 0.07; half the batch ends 0.28 higher).
+    cfg.ray.num_workers, cfg.train.grad_accum_steps, cfg.wandb.mode = 1, 4, "disabled"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["--config", str(config_file), "--name", "tiny-one"]) == 0
+    one = [json.loads(line) for line in (tmp_path / "runs" / "tiny-one" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["tokens"] for h in one] == [h["tokens"] for h in history]
+    for a, b in zip(one, history):
+        assert abs(a["val_loss"] - b["val_loss"]) < 0.12 and abs(a["train_loss"] - b["train_loss"]) < 0.12
+
 
 def test_more_workers_than_the_local_machine_has_is_refused_up_front(tmp_path):
     """A fresh local Ray asked for more CPUs than it has would wait forever: the CLI refuses it."""

@@ -1,0 +1,197 @@
+"""Training throughput: `python -m raypipe.bench [--config configs/gemma3-270m.yaml] [--steps 20] [--ray]`.
+
+Runs the product's own per-worker loop (`loop.train`: same model, optimizer, sampler, accumulation,
+clipping) for `--warmup` + `--steps` optimizer steps, on random tokens of the model's vocabulary
+unless `--data` names a prepared directory (throughput does not depend on the token values). First
+bare, in this process without Ray; with `--ray`, again inside a `TorchTrainer` with each worker
+count of `--workers`. Prints one table and writes it as JSON (`--json`).
+
+Figures count only the steps after `--warmup` (compilation, allocator warm-up):
+- tokens/s over all workers, and per device;
+- MFU = tokens/s x flops_per_token / (devices x peak), nanoGPT's count (6N + 12 L H Q T), against
+  the peak dense matmul rate measured here on the spot (bf16 on a GPU, fp32 on a CPU);
+- the median optimizer-step time, the peak GPU memory (rank 0), and the host time spent getting
+  batches as a share of the step (the loop's wait for data);
+- under Ray: its tokens/s as a share of the bare loop's (same worker count 1) and, for several
+  workers, scaling efficiency = tokens/s(N) / (N x tokens/s(1 worker under Ray)). N workers keep
+  the config's effective batch: each accumulates grad_accum_steps / N micro-batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .config import Config, ConfigError, load_config
+from .data import dtype_for_vocab, write_dataset
+from .model import flops_per_token
+
+
+def measure_peak_flops(device: torch.device) -> float:
+    """Dense matmul FLOP/s of this device: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU."""
+    cuda = device.type == "cuda"
+    n, dtype, iters = (8192, torch.bfloat16, 30) if cuda else (1024, torch.float32, 10)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    if cuda:
+        torch.cuda.synchronize(device)
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def random_data(directory: Path, vocab_size: int, train_tokens: int = 20_000_000, seed: int = 0) -> str:
+    """Uniform random token ids, written like prepared data (meta.json with checksums)."""
+    rng, dtype = np.random.default_rng(seed), dtype_for_vocab(vocab_size)
+    chunk = 1 << 22
+    splits = {
+        "train": (rng.integers(0, vocab_size, chunk, dtype=np.int64) for _ in range(-(-train_tokens // chunk))),
+        "val": iter([rng.integers(0, vocab_size, chunk, dtype=np.int64)]),
+    }
+    out = directory / "random-tokens"
+    write_dataset(out, splits, {"vocab_size": vocab_size, "dtype": dtype, "tokenizer": {"kind": "random"}})
+    return str(out)
+
+
+def bench_config(args: argparse.Namespace, data_dir: str, storage: str) -> Config:
+    """The config under test, trimmed to a benchmark: no mid-run evaluations, samples or W&B;
+    one small evaluation and checkpoint at the end, as every run ends."""
+    cfg = load_config(args.config, args.overrides)
+    t, steps = cfg.train, args.warmup + args.steps
+    t.max_steps, t.stop_at, t.warmup_steps = steps, None, min(t.warmup_steps, steps)
+    t.eval_interval, t.checkpoint_interval, t.eval_batches, t.sample_tokens = steps, None, 1, 0
+    cfg.data.dir, cfg.data.source = data_dir, "prepared"
+    cfg.wandb.mode = "disabled"
+    cfg.ray.storage_path, cfg.ray.use_gpu = storage, torch.cuda.is_available()
+    return cfg
+
+
+def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, peak: float) -> dict:
+    t = cfg.train  # the effective batch is the config's at every worker count
+    times = summary["step_times_s"][warmup:]
+    waits = summary["data_wait_s"][warmup:]
+    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps
+    tokens_per_s = tokens_per_step * len(times) / sum(times)
+    flops = flops_per_token(cfg.model, summary["num_params"], t.block_size)
+    return {
+        "run": label, "workers": workers, "steps": len(times), "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": tokens_per_s / workers, "mfu": tokens_per_s * flops / (workers * peak),
+        "step_ms": 1000 * statistics.median(times), "peak_gpu_memory_gb": summary["peak_gpu_memory_gb"],
+        "data_wait_frac": sum(waits) / sum(times),
+    }
+
+
+def run_bare(cfg: Config) -> dict:
+    from .loop import WorkerEnv, train
+
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
+        summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
+    # Hand the GPU back whole before Ray's workers want it: compiled graphs and cached blocks.
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return summary
+
+
+def run_ray(cfg: Config, workers: int) -> dict:
+    from .train import init_ray, make_trainer
+
+    # N workers split the config's effective batch: accumulation / N each (DDP all-reduces once per step).
+    if cfg.train.grad_accum_steps % workers:
+        raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({cfg.train.grad_accum_steps}) must be "
+                          "divisible by the worker count to keep the effective batch")
+    cfg.train.grad_accum_steps //= workers
+    cfg.ray.num_workers = workers
+    cfg.ray.name = f"bench-ray-{workers}-{time.strftime('%Y%m%d-%H%M%S')}"
+    init_ray(cfg)
+    result = make_trainer(cfg, wandb_dir=str(Path(cfg.ray.storage_path) / cfg.ray.name)).fit()
+    if result.error:
+        raise RuntimeError(f"the Ray run failed: {result.error}")
+    return result.return_value
+
+
+def table(rows: list[dict], peak: float, device: str) -> str:
+    lines = [f"device: {device} | measured peak: {peak / 1e12:,.1f} TFLOP/s",
+             "| run | workers | tokens/s | tokens/s per device | MFU | step ms | peak GPU GB | data wait | vs bare | scaling |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        mem = f"{r['peak_gpu_memory_gb']:.1f}" if r["peak_gpu_memory_gb"] is not None else "-"
+        vs = f"{r['vs_bare']:.1%}" if "vs_bare" in r else "-"
+        scaling = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
+        lines.append(f"| {r['run']} | {r['workers']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
+                     f"{r['mfu']:.1%} | {r['step_ms']:.1f} | {mem} | {r['data_wait_frac']:.2%} | {vs} | {scaling} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m raypipe.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="configs/gemma3-270m.yaml", help="run config (default: the seed recipe)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="optimizer steps run first and not counted")
+    p.add_argument("--data", help="a prepared data directory (default: random tokens in a temp dir)")
+    p.add_argument("--ray", action="store_true", help="also run inside a TorchTrainer")
+    p.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts under --ray")
+    p.add_argument("--no-bare", action="store_true", help="skip the bare loop (only the Ray runs)")
+    p.add_argument("--json", default="bench.json", help="where to write the figures")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as tmp:
+        try:
+            probe = load_config(args.config, args.overrides)
+            vocab = probe.model.vocab_size
+            if args.data is None and vocab is None:
+                raise ConfigError(f"{args.config}: model.vocab_size is null; random tokens need it (or pass --data)")
+            data_dir = str(Path(args.data).resolve()) if args.data else random_data(Path(tmp), vocab)
+            base = bench_config(args, data_dir, str(Path(tmp) / "runs"))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        peak = measure_peak_flops(device)
+        rows = []
+        if not args.no_bare:
+            rows.append(figures("bare loop", run_bare(bench_config(args, data_dir, base.ray.storage_path)),
+                                base, 1, args.warmup, peak))
+        if args.ray:
+            for n in args.workers:
+                summary = run_ray(bench_config(args, data_dir, base.ray.storage_path), n)
+                rows.append(figures("Ray Train", summary, base, n, args.warmup, peak))
+            bare = next((r for r in rows if r["run"] == "bare loop"), None)
+            one = next((r for r in rows if r["run"] == "Ray Train" and r["workers"] == 1), None)
+            for r in rows[1 if bare else 0:]:
+                if bare and r["workers"] == 1:
+                    r["vs_bare"] = r["tokens_per_s"] / bare["tokens_per_s"]
+                if one and r["workers"] > 1:
+                    r["scaling_efficiency"] = r["tokens_per_s"] / (r["workers"] * one["tokens_per_s"])
+    print(table(rows, peak, device_name))
+    report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "config": args.config,
+              "overrides": args.overrides, "warmup_steps": args.warmup, "rows": rows,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
