@@ -8,6 +8,7 @@ Drivers run as subprocesses, so the session's own Ray (the `ray_cluster` fixture
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -29,14 +30,29 @@ BIN = Path(sys.executable).parent
 MARKER = "RAYPIPE_TEST_CLUSTER"
 
 
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """`n` consecutive ports below the kernel's ephemeral range, free on every interface now.
+
+    Ports the OS hands out (bind to port 0) come from the ephemeral range, where any process's
+    outgoing connection can take them before Ray binds them; below it only listeners compete.
+    From 20000 up: 10002-19999 is where other local Rays (the session fixture's) start workers.
+    """
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()
+    while True:
+        base = rng.randrange(20_000, low - n)
+        ports = list(range(base, base + n))
+        if not set(ports) & set(avoid) and all(_bindable(p) for p in ports):
+            return ports
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("0.0.0.0", port))  # Ray's node ports listen on every interface
+            return True
+        except OSError:
+            return False
 
 
 class LocalCluster:
@@ -63,7 +79,7 @@ class LocalCluster:
         return env
 
     def start_node(self, num_cpus: int, resources: dict, **env) -> None:
-        ports = free_ports(6 + 40)
+        ports = free_ports(6 + 40, avoid=(self.gcs_port, self.dashboard_port, self.client_port))
         args = [str(BIN / "ray"), "start", "--num-cpus", str(num_cpus), "--resources", json.dumps(resources),
                 "--temp-dir", str(self.root / f"node{self.nodes}"), "--disable-usage-stats",
                 "--node-manager-port", str(ports[0]), "--object-manager-port", str(ports[1]),
