@@ -16,7 +16,9 @@ it is counted and reported. Every other document is followed by the end-of-text 
 
 Bytes that are not UTF-8 are replaced by U+FFFD, counted, and reported (the count and the first
 file and byte offset go to meta.json's `source`); a corpus is seldom worth failing for one bad byte,
-but a silent change is never made.
+but a silent change is never made. A lone surrogate in a `.jsonl` string (an escape such as `\ud800`
+without its pair: valid JSON, but no UTF-8 text) is treated the same way: each becomes U+FFFD and is
+counted with the invalid bytes, whatever the tokenizer.
 
 The split is by document and reproducible: a document goes to val when a keyed hash of its text
 falls in the first `--val-fraction` of the hash range, so it does not depend on worker count or
@@ -220,13 +222,13 @@ def _json_text(line: str, column: str, path, where: str, obj=None) -> Optional[s
 @dataclass
 class Documents:
     """The non-empty documents of one task, in file order: their UTF-8 bytes back to back and their bounds."""
-    data: np.ndarray  # uint8; a lone surrogate from a JSON escape is kept as its "surrogatepass" bytes
+    data: np.ndarray  # uint8
     offsets: np.ndarray  # int64, one more than documents: document i is data[offsets[i]:offsets[i + 1]]
     texts: object  # the same documents as a list of str, or the pyarrow array they came from (with empties)
     nbytes: int = 0  # input bytes
     empty: int = 0  # empty documents dropped
-    bad_bytes: int = 0  # invalid UTF-8 bytes replaced
-    first_bad: str = ""  # "file at byte N"
+    bad_bytes: int = 0  # invalid UTF-8 bytes and lone surrogates replaced
+    first_bad: str = ""  # "file at byte N", or "file: a lone surrogate in the record at byte N"
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -236,7 +238,8 @@ class Documents:
 
 
 def _from_strings(texts: list[str], **counts) -> Documents:
-    parts = [t.encode("utf-8", "surrogatepass") for t in texts]
+    """Raises UnicodeEncodeError for a lone surrogate (see _replace_surrogates)."""
+    parts = [t.encode("utf-8") for t in texts]
     offsets = np.cumsum([0] + [len(p) for p in parts], dtype=np.int64)
     return Documents(np.frombuffer(b"".join(parts), np.uint8), offsets, texts, **counts)
 
@@ -260,6 +263,34 @@ def _from_arrow(arr, **counts) -> Documents:
         offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
         counts["empty"] = counts.get("empty", 0) + n - int(keep.sum())
     return Documents(data, offsets, arr, **counts)
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # json.loads joins a pair of escapes, so any left is lone
+
+
+def _replace_surrogates(docs: list[str], doc_lines: list[int], text: str, task: Task, counts: dict, first: int) -> None:
+    """Lone surrogates (valid JSON escapes such as "\\ud800", but no UTF-8 text) -> U+FFFD in `docs`,
+    counted with the invalid bytes. The first is reported by its record (doc_lines[i]: the non-blank line of
+    `text` that docs[i] came from) unless an invalid byte of the chunk (at `first`; -1 if none) comes before."""
+    replaced, first_doc = 0, -1
+    for i, doc in enumerate(docs):
+        fixed, n = _SURROGATE.subn("\ufffd", doc)
+        if n:
+            docs[i], replaced = fixed, replaced + n
+            first_doc = i if first_doc < 0 else first_doc
+    if not replaced:
+        return
+    pos = nth = 0
+    for line in text.split("\n"):  # as read_documents cuts lines
+        if line.strip():
+            if nth == doc_lines[first_doc]:
+                break
+            nth += 1
+        pos += len(line) + 1
+    where = len(text[:pos].encode("utf-8"))  # exact unless an invalid byte (then reported) comes before
+    if first < 0 or where < first:
+        counts["first_bad"] = f"{task.path}: a lone surrogate in the record at byte {task.start + where}"
+    counts["bad_bytes"] += replaced
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r]*\n")  # a "^" alternative would make the search 30x slower
@@ -315,20 +346,25 @@ def read_documents(task: Task, opts: Options) -> Documents:
             raise ValueError("a line holds more than one value")
     except ValueError:
         records = None  # parse line by line below, to name the bad record
-    docs, empty = [], 0
+    docs, doc_lines, empty = [], [], 0
     for i, line in enumerate(lines):
         obj = records[i] if records is not None else None
         if not (isinstance(obj, dict) and isinstance(obj.get(opts.text_column), str)):
             # Only here (a null, or an error to report) is the record's byte offset worth computing.
-            where = f"the record at byte {task.start + len(text[:text.index(line)].encode('utf-8', 'surrogatepass'))}"
+            where = f"the record at byte {task.start + len(text[:text.index(line)].encode('utf-8'))}"
             doc = _json_text(line, opts.text_column, task.path, where, obj)
         else:
             doc = obj[opts.text_column]
         if doc:
             docs.append(doc)
+            doc_lines.append(i)
         else:
             empty += 1
-    return _from_strings(docs, empty=empty, **counts)
+    try:
+        return _from_strings(docs, empty=empty, **counts)
+    except UnicodeEncodeError:  # a lone surrogate: replaced and counted like an invalid byte
+        _replace_surrogates(docs, doc_lines, text, task, counts, first)
+        return _from_strings(docs, empty=empty, **counts)
 
 
 def val_mask(docs: Documents, task: Task, opts: Options) -> np.ndarray:
@@ -619,7 +655,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
     log(f"[prepare] {out}: {docs['train']:,} train / {docs['val']:,} val documents, "
         f"{meta['tokens']['train']:,} / {meta['tokens']['val']:,} tokens, vocab {spec.vocab_size} ({dtype})"
         + (f"; {empty:,} empty documents skipped" if empty else "")
-        + (f"; {bad:,} invalid UTF-8 bytes replaced by U+FFFD (first: {first_bad})" if bad else ""))
+        + (f"; {bad:,} invalid UTF-8 bytes or lone surrogates replaced by U+FFFD (first: {first_bad})" if bad else ""))
     return meta
 
 
