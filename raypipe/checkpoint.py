@@ -54,7 +54,8 @@ class Resume:
 # --- RNG and sampler state ---------------------------------------------------------------------------
 
 
-def capture_rank_state(sampler_generator: torch.Generator, device: torch.device) -> dict:
+def capture_rank_state(sampler, device: torch.device) -> dict:
+    """`sampler`: the training batch source (BatchSampler or CudaPrefetcher), or any torch.Generator."""
     np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),
@@ -62,11 +63,11 @@ def capture_rank_state(sampler_generator: torch.Generator, device: torch.device)
                   "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]},
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "sampler": sampler_generator.get_state(),
+        "sampler": sampler.get_state(),
     }
 
 
-def restore_rank_state(rank_state: dict, sampler_generator: torch.Generator, device: torch.device) -> None:
+def restore_rank_state(rank_state: dict, sampler, device: torch.device) -> None:
     version, internal, gauss = rank_state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = rank_state["numpy"]
@@ -75,7 +76,7 @@ def restore_rank_state(rank_state: dict, sampler_generator: torch.Generator, dev
     torch.set_rng_state(rank_state["torch"])
     if device.type == "cuda" and rank_state["cuda"] is not None:
         torch.cuda.set_rng_state(rank_state["cuda"], device)
-    sampler_generator.set_state(rank_state["sampler"])
+    sampler.set_state(rank_state["sampler"])
 
 
 # --- writing -----------------------------------------------------------------------------------------

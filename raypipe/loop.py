@@ -211,7 +211,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         if resume is not None:
             env.log(f"[raypipe] resumed from {resume.path.name} at step {run['step']} (restart {run['restarts']})")
 
-    train_time, start, step_times, data_waits = 0.0, time.perf_counter(), [], []
+    start, step_times, data_waits = time.perf_counter(), [], []  # per step of this session
     checkpoint_every = t.checkpoint_interval or t.eval_interval
     nonfinite_streak = 0
     try:
@@ -242,7 +242,6 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
                 torch.cuda.synchronize(device)
             step_times.append(time.perf_counter() - step_start)
             data_waits.append(next_train_batch.seconds - waited_before)
-            train_time += step_times[-1]
             run["step"] = step
             run["step_losses"].append(step_loss)
             if step % t.log_interval == 0:
@@ -256,8 +255,8 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
                     "step": step, "tokens": step * tokens_per_step,
                     "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
                     "grad_norm": grad_norm, "step_loss": step_loss, "skipped_steps": run["skipped_steps"],
-                    "tokens_per_sec": (step - first_step + 1) * tokens_per_step / train_time,
-                    "data_wait_frac": sum(data_waits) / train_time,
+                    "tokens_per_sec": len(step_times) * tokens_per_step / sum(step_times),
+                    "data_wait_frac": sum(data_waits) / sum(step_times),
                     "elapsed_s": time.perf_counter() - start,
                 }
                 run["history"].append(metrics)
@@ -285,7 +284,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         if isinstance(train_batches, CudaPrefetcher):
             train_batches.close()
         tracker.finish()  # also on errors: W&B keeps what was logged
-    history = run["history"]
+    history, train_time = run["history"], sum(step_times)
     best = min(history, key=lambda h: h["val_loss"])
     return {
         "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],

@@ -167,7 +167,6 @@ class GemmaLM(nn.Module):
         self.register_buffer("pad_bias", pad_bias, persistent=False)  # not in the state dict
         # Rotary tables computed once, not in every forward: a compiled graph would otherwise fuse
         # cos/sin into the q/k kernels and evaluate them per element of every head (~6% of a step).
-        self.rope_positions = 0
         self.extend_rope(ROPE_POSITIONS)
         self.apply(self._init_weights)
 
@@ -181,7 +180,6 @@ class GemmaLM(nn.Module):
             cos, sin = rope_cache(positions, self.cfg.head_dim, base, device)
             self.register_buffer(f"rope_{name}_cos", cos, persistent=False)
             self.register_buffer(f"rope_{name}_sin", sin, persistent=False)
-        self.rope_positions = positions
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
@@ -195,7 +193,7 @@ class GemmaLM(nn.Module):
         start = cache.length if cache is not None else 0
         x = self.embed_tokens(idx)
         x = x * torch.tensor(math.sqrt(self.cfg.n_embd), dtype=x.dtype)
-        if start + T > self.rope_positions:  # a longer generation than the tables hold
+        if start + T > self.rope_local_cos.shape[0]:  # a longer generation than the tables hold
             self.extend_rope(2 * (start + T))
         end = start + T
         rope_local = self.rope_local_cos[start:end], self.rope_local_sin[start:end]
