@@ -109,13 +109,17 @@ def run_bare(cfg: Config) -> dict:
     return summary
 
 
+def check_workers(cfg: Config, workers: int) -> None:
+    if workers < 1 or cfg.train.grad_accum_steps % workers:
+        raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({cfg.train.grad_accum_steps}) must be "
+                          "divisible by the worker count to keep the effective batch")
+
+
 def run_ray(cfg: Config, workers: int) -> dict:
     from .train import init_ray, make_trainer
 
     # N workers split the config's effective batch: accumulation / N each (DDP all-reduces once per step).
-    if cfg.train.grad_accum_steps % workers:
-        raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({cfg.train.grad_accum_steps}) must be "
-                          "divisible by the worker count to keep the effective batch")
+    check_workers(cfg, workers)
     cfg.train.grad_accum_steps //= workers
     cfg.ray.num_workers = workers
     cfg.ray.name = f"bench-ray-{workers}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -124,6 +128,19 @@ def run_ray(cfg: Config, workers: int) -> dict:
     if result.error:
         raise RuntimeError(f"the Ray run failed: {result.error}")
     return result.return_value
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Ray rows against the bare loop (1 worker) and against one Ray worker (scaling efficiency)."""
+    bare = next((r for r in rows if r["run"] == "bare loop"), None)
+    one = next((r for r in rows if r["run"] == "Ray Train" and r["workers"] == 1), None)
+    for r in rows:
+        if r["run"] != "Ray Train":
+            continue
+        if bare and r["workers"] == 1:
+            r["vs_bare"] = r["tokens_per_s"] / bare["tokens_per_s"]
+        if one and r["workers"] > 1:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["workers"] * one["tokens_per_s"])
 
 
 def table(rows: list[dict], peak: float, device: str) -> str:
@@ -165,30 +182,25 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"{args.config}: model.vocab_size is null; random tokens need it (or pass --data)")
             data_dir = str(Path(args.data).resolve()) if args.data else random_data(Path(tmp), vocab)
             base = bench_config(args, data_dir, str(Path(tmp) / "runs"))
+            for n in args.workers if args.ray else []:
+                check_workers(base, n)  # before any run, not after the bare one
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         peak = measure_peak_flops(device)
-        rows = []
-        if not args.no_bare:
-            rows.append(figures("bare loop", run_bare(bench_config(args, data_dir, base.ray.storage_path)),
-                                base, 1, args.warmup, peak))
-        if args.ray:
-            for n in args.workers:
-                summary = run_ray(bench_config(args, data_dir, base.ray.storage_path), n)
-                rows.append(figures("Ray Train", summary, base, n, args.warmup, peak))
-            bare = next((r for r in rows if r["run"] == "bare loop"), None)
-            one = next((r for r in rows if r["run"] == "Ray Train" and r["workers"] == 1), None)
-            for r in rows[1 if bare else 0:]:
-                if bare and r["workers"] == 1:
-                    r["vs_bare"] = r["tokens_per_s"] / bare["tokens_per_s"]
-                if one and r["workers"] > 1:
-                    r["scaling_efficiency"] = r["tokens_per_s"] / (r["workers"] * one["tokens_per_s"])
-    print(table(rows, peak, device_name))
-    report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "config": args.config,
-              "overrides": args.overrides, "warmup_steps": args.warmup, "rows": rows,
-              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "config": args.config,
+                  "overrides": args.overrides, "warmup_steps": args.warmup, "rows": [],
+                  "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+        runs = ([("bare loop", 1)] if not args.no_bare else []) + ([("Ray Train", n) for n in args.workers] if args.ray else [])
+        for label, workers in runs:
+            cfg = bench_config(args, data_dir, base.ray.storage_path)
+            summary = run_bare(cfg) if label == "bare loop" else run_ray(cfg, workers)
+            report["rows"].append(figures(label, summary, base, workers, args.warmup, peak))
+            add_ratios(report["rows"])
+            # Each finished run is kept at once: a run cut short (a time limit, a crash) loses only itself.
+            Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+            print(table(report["rows"][-1:], peak, device_name), flush=True)
+    print(table(report["rows"], peak, device_name))
     print(f"written: {args.json}")
     return 0
 

@@ -102,7 +102,7 @@ def test_rerun_gives_identical_bytes_and_tokenizer_json_reuses_them(tmp_path):
     write_corpus(tmp_path / "in")
     inputs = [str(tmp_path / "in" / "*")]  # a glob
     a = prepare(inputs, tmp_path / "a", "bpe:400", val_fraction=0.1, workers=1, **QUIET)
-    b = prepare(inputs, tmp_path / "b", "bpe:400", val_fraction=0.1, workers=2, **QUIET)
+    prepare(inputs, tmp_path / "b", "bpe:400", val_fraction=0.1, workers=2, **QUIET)
     for name in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert a["tokenizer"] == {"kind": "bpe", "file": "tokenizer.json", "vocab_size": 400} and a["eot_id"] == 0
@@ -110,8 +110,8 @@ def test_rerun_gives_identical_bytes_and_tokenizer_json_reuses_them(tmp_path):
     c = prepare(inputs, tmp_path / "c", str(tmp_path / "a" / "tokenizer.json"), val_fraction=0.1, **QUIET)
     assert c["sha256"] == a["sha256"] and c["tokenizer"]["kind"] == "file"
     # Another seed draws another val set.
-    d = prepare(inputs, tmp_path / "d", "byte", val_fraction=0.1, seed=1, **QUIET)
-    e = prepare(inputs, tmp_path / "e", "byte", val_fraction=0.1, **QUIET)
+    prepare(inputs, tmp_path / "d", "byte", val_fraction=0.1, seed=1, **QUIET)
+    prepare(inputs, tmp_path / "e", "byte", val_fraction=0.1, **QUIET)
     assert byte_docs(tmp_path / "d", "val") != byte_docs(tmp_path / "e", "val")
 
 

@@ -1,0 +1,108 @@
+"""Compiled training steps of the seed recipe under variants, one process, one GPU; prints tokens/s each.
+
+    python benchmarks/bench_gpu_variants.py base unfused mb512 unfused+mb512 cdt+mb512 autotune+mb512
+    python benchmarks/bench_gpu_variants.py --profile base     # also a torch.profiler table of one step
+
+Each variant joins parts with '+': `base` (the model as committed), `unfused` (q/k/v and gate/up as
+separate matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 1024 / N: the
+same 1,024 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
+(`mode="max-autotune-no-cudagraphs"`). Steps are the loop's own `forward_backward`, clipping and fused
+AdamW on the compiled model, with random tokens drawn on the GPU (no data loading: `python -m
+raypipe.bench` measures the whole loop). Compare variants of one process: GPUs and machines differ by
+a percent or two.
+"""
+
+import argparse
+import time
+
+import torch
+import torch._inductor.config as inductor_config
+import torch.nn.functional as F
+
+from raypipe import model as M
+from raypipe.config import load_config
+from raypipe.loop import clip_gradients, forward_backward
+from raypipe.optim import configure_optimizer
+
+FUSED = M.fused_linear
+
+
+def unfused_linear(x, *projections):
+    return tuple(F.linear(x, p.weight) for p in projections)
+
+
+def apply(variant: str) -> tuple:
+    """Set the variant's switches; return (compile mode, micro-batch, accumulation)."""
+    M.fused_linear, inductor_config.coordinate_descent_tuning = FUSED, False
+    mode, micro = None, 256
+    for part in variant.split("+"):
+        if part == "unfused":
+            M.fused_linear = unfused_linear
+        elif part == "cdt":
+            inductor_config.coordinate_descent_tuning = True
+        elif part == "autotune":
+            mode = "max-autotune-no-cudagraphs"
+        elif part.startswith("mb"):
+            micro = int(part[2:])
+        elif part != "base":
+            raise SystemExit(f"unknown variant part {part!r}")
+    torch._dynamo.reset()
+    return mode, micro, 1024 // micro
+
+
+def run(variant: str, cfg, profile: bool) -> None:
+    mode, micro, accum = apply(variant)
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    raw = M.GemmaLM(cfg.model).to(device)
+    optimizer = configure_optimizer(raw, cfg.train, "cuda")
+    model = torch.compile(raw, mode=mode)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1)
+
+    def next_batch():
+        x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
+        return x[:, :-1], x[:, 1:]
+
+    losses = []
+
+    def step():
+        losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
+        clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - start
+    start = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - start) / 10
+    print(f"{variant:24s} {micro * accum * cfg.train.block_size / dt:9,.0f} tokens/s  step {1000 * dt:6.1f} ms  "
+          f"compile+warm-up {warm:5.1f} s  peak {torch.cuda.max_memory_allocated() / 1e9:5.1f} GB  "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("variants", nargs="+")
+    parser.add_argument("--config", default="configs/gemma3-270m.yaml")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    config = load_config(args.config, [])
+    for name in args.variants:
+        run(name, config, args.profile)
+        torch.cuda.empty_cache()  # the finished variant's model and optimizer are gone with run()'s frame
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,38 @@
+"""`python -m raypipe.bench` on CPU: the bare loop and one Ray worker, figures read back from its JSON."""
+
+import json
+
+import yaml
+
+from conftest import tiny_config
+from raypipe.bench import main
+
+
+def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(embedded_data, tmp_path / "unused").to_dict()))
+    out = tmp_path / "bench.json"
+    argv = ["--config", str(config_file), "--data", str(embedded_data), "--steps", "4", "--warmup", "1", "--json", str(out)]
+
+    assert main(argv + ["--ray", "--workers", "1"]) == 0
+    report = json.loads(out.read_text())
+    bare, ray_one = report["rows"]
+    assert (bare["run"], ray_one["run"]) == ("bare loop", "Ray Train")
+    for row in (bare, ray_one):
+        assert row["steps"] == 4 and row["workers"] == 1
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["step_ms"] > 0
+        assert 0 <= row["data_wait_frac"] < 1
+    assert ray_one["vs_bare"] == ray_one["tokens_per_s"] / bare["tokens_per_s"]
+    assert report["peak_flops"] > 0
+    printed = capsys.readouterr().out
+    assert f"| Ray Train | 1 | {ray_one['tokens_per_s']:,.0f} |" in printed
+
+
+def test_bench_refuses_a_worker_count_that_splits_the_batch_unevenly(embedded_data, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(yaml.safe_dump(tiny_config(embedded_data, tmp_path / "unused").to_dict()))  # accumulation 2
+    out = tmp_path / "bench.json"
+    code = main(["--config", str(config_file), "--data", str(embedded_data), "--ray", "--workers", "1", "3",
+                 "--json", str(out)])
+    assert code == 2 and not out.exists()  # refused before the bare run, nothing written
+    assert "--workers 3: train.grad_accum_steps (2) must be divisible" in capsys.readouterr().err
