@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from raypipe.config import ModelConfig
-from raypipe.model import GemmaLM
+from raypipe.model import GemmaLM, fused_linear
 
 
 def small(**kw) -> ModelConfig:
@@ -35,6 +35,27 @@ def test_causal_and_sliding_window_are_real():
     glob = GemmaLM(small(n_layer=1, global_every=1)).eval()
     with torch.no_grad():
         assert ((glob(x)[0] - glob(changed)[0]).abs().amax(-1)[0, 4:] > 0).all()
+
+
+def test_fused_projections_equal_separate_ones_and_train_each_weight():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    projections = [torch.nn.Linear(16, n, bias=False).double() for n in (8, 4, 4)]
+    weights = [torch.randn(3, 5, n, dtype=torch.float64) for n in (8, 4, 4)]  # each output weighted differently
+
+    def grads(outs):
+        for p in projections:
+            p.weight.grad = None
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        return [p.weight.grad.clone() for p in projections]
+
+    fused = fused_linear(x, *projections)
+    separate = [p(x) for p in projections]
+    assert [o.shape for o in fused] == [o.shape for o in separate]
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(grads(fused), grads(separate)):
+        torch.testing.assert_close(a, b)
 
 
 def test_tied_head_shares_the_embedding():
