@@ -31,12 +31,13 @@ import numpy as np
 import torch
 
 from .config import Config
+from .errors import UserError
 from .model import GemmaLM
 
 MANIFEST = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the run; the message names the file."""
 
 
@@ -230,3 +231,19 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
         except CheckpointError:
             continue
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as given, or a run directory's best (else latest complete) checkpoint."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    summary = path / "summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best and Path(best).is_dir():
+            return Path(best)
+    latest = latest_checkpoint(path) if path.is_dir() else None
+    if latest is None:
+        raise CheckpointError(f"{path}: neither a checkpoint ({MANIFEST}) nor a run directory with a complete checkpoint")
+    return latest

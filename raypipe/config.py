@@ -17,8 +17,10 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration value or file is wrong; the message says which and what is expected."""
 
 

@@ -13,11 +13,13 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .errors import UserError
+
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """The data directory is missing, incomplete or does not fit the run; the message says how."""
 
 

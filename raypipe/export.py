@@ -15,8 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import CheckpointError, load_model, read_config
-from .generate import resolve_checkpoint
+from .checkpoint import CheckpointError, load_model, read_config, resolve_checkpoint
 from .model import is_sliding
 
 EOT = "<|endoftext|>"

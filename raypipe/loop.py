@@ -23,7 +23,7 @@ from .checkpoint import (Resume, capture_rank_state, check_compatible, load_mode
                          restore_rank_state, save_checkpoint)
 from .config import Config
 from .data import BatchSampler, CudaPrefetcher, read_meta
-from .generate import cut_at, generate
+from .sampling import cut_at, generate
 from .model import GemmaLM
 from .optim import configure_optimizer, lr_at
 from .tokenizer import TextTokenizer

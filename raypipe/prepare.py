@@ -51,6 +51,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from .datafiles import DTYPES, DataError, DatasetWriter, dtype_for_vocab
+from .errors import UserError
 from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths,
                         file_spec, gpt2_spec, hf_spec, parse_spec, train_bpe)
 
@@ -67,7 +68,7 @@ _TEXT_SEPARATORS = {"blank": re.compile(r"\n[ \t\r\f\v]*\n"), "line": re.compile
                     "eot": re.compile(r"(?m)^[ \t\r]*<\|endoftext\|>[ \t\r]*$")}
 
 
-class PrepareError(ValueError):
+class PrepareError(UserError):
     """Bad inputs or options; the message names the file or flag and what is expected."""
 
 

@@ -19,6 +19,8 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from .errors import UserError
+
 EOT = "<|endoftext|>"
 BYTE_VOCAB = 257  # bytes 0..255, then the end-of-text token
 
@@ -33,7 +35,7 @@ GPT2_FILES = {
 }
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """The tokenizer spec is unknown or its files cannot be had; the message says what to do."""
 
 

@@ -1,0 +1,9 @@
+"""The one base class for mistakes a user can fix (a config value, a file, a flag).
+
+Every CLI's `main()` catches `UserError` alone and exits 2 with `error: <message>`; anything else is
+a bug and keeps its traceback. Messages name the file, key or value and what is expected.
+"""
+
+
+class UserError(ValueError):
+    """Bad input: the message says what is wrong and what would be right."""

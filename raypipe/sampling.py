@@ -1,0 +1,52 @@
+"""Sampling from a model: KV-cached generation, temperature and top-k (used by the loop and the CLI)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .model import GemmaLM
+
+
+@torch.inference_mode()
+def generate(model: GemmaLM, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             stop_id: Optional[int] = None, use_cache: bool = True) -> torch.Tensor:
+    """Continue `idx` [batch, T] by up to `max_new_tokens`; temperature 0 is greedy.
+
+    With the cache each new token costs one position of attention; without it (use_cache=False)
+    the whole sequence is recomputed every step (the reference the cache is tested against).
+    """
+    was_training = model.training
+    model.eval()
+    cache = model.new_cache() if use_cache else None
+    logits, _ = model(idx, cache=cache)
+    out, finished = idx, torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1, :].float(), temperature, top_k, generator)
+        out = torch.cat([out, nxt], dim=1)
+        finished |= nxt[:, 0] == stop_id
+        if bool(finished.all()):
+            break
+        logits, _ = model(nxt, cache=cache) if use_cache else model(out)
+    model.train(was_training)
+    return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: Optional[int],
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
+
+
+def cut_at(ids: list[int], prompt_len: int, stop_id: Optional[int]) -> list[int]:
+    """The prompt and what follows it up to (not including) the first stop token."""
+    new = ids[prompt_len:]
+    return ids[:prompt_len] + (new[:new.index(stop_id)] if stop_id in new else new)
