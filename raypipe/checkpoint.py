@@ -9,8 +9,9 @@ directory name and Ray merges them in storage):
   rank_<r>.pt         rank r's RNG states (Python, NumPy, torch CPU and CUDA) and its sampler state
   config.json         the resolved run config
   data_meta.json      the data's meta.json (its checksums identify the data), tokenizer.json beside it
-  manifest.json       every file and its size: a checkpoint missing a file or holding a truncated one
-                      is refused before anything is loaded
+  rank_<r>.json       rank r's digest of its rank_<r>.pt (each rank writes its own; Ray merges them)
+  manifest.json       every file rank 0 wrote with its size and sha256: a checkpoint missing a file or
+                      holding a truncated or altered one is refused, by name, before anything is loaded
 
 The learning-rate schedule is a pure function of the step (optim.lr_at), so the step restores it.
 Nothing is unpickled beyond tensors and plain containers: a checkpoint from elsewhere cannot run code.
@@ -18,14 +19,16 @@ Nothing is unpickled beyond tensors and plain containers: a checkpoint from else
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +38,7 @@ from .errors import UserError
 from .model import GemmaLM
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and sha256, rank files digested in rank_<r>.json
 
 
 class CheckpointError(UserError):
@@ -83,32 +87,94 @@ def restore_rank_state(rank_state: dict, sampler, device: torch.device) -> None:
 # --- writing -----------------------------------------------------------------------------------------
 
 
+class DigestWriter:
+    """A binary file that computes its sha256 while it is written: the hash of each piece runs on a
+    second thread (hashlib drops the GIL) while the piece is written, so it costs little extra time."""
+
+    PIECE = 64 << 20
+
+    def __init__(self, path: Path):
+        self.file, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
+        self.pool, self.pending = ThreadPoolExecutor(1), None
+
+    def write(self, data) -> int:
+        # bytes are immutable; anything else (a view into a buffer its owner may reuse) is copied first
+        data = data if isinstance(data, bytes) else bytes(data)
+        view = memoryview(data)
+        for start in range(0, len(view), self.PIECE):
+            piece = view[start:start + self.PIECE]
+            if self.pending is not None:
+                self.pending.result()
+            self.pending = self.pool.submit(self.sha.update, piece)
+            self.file.write(piece)
+        self.size += len(view)
+        return len(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> dict:
+        """{"size": bytes, "sha256": hex}, once the file is closed."""
+        try:
+            if self.pending is not None:
+                self.pending.result()
+            self.file.close()
+        finally:
+            self.pool.shutdown()
+        return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+
+def _write_digested(path: Path, write: Callable) -> dict:
+    writer = DigestWriter(path)
+    try:
+        write(writer)
+    except BaseException:
+        writer.close()
+        raise
+    return writer.close()
+
+
+def file_digest(path: Path) -> dict:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            sha.update(chunk)
+    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+
+
 def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dict,
                     model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
                     config: Optional[Config] = None, state: Optional[dict] = None,
                     copy_files: Optional[dict[str, Path]] = None) -> Path:
     """Write `parent/name` through a temporary sibling and one rename: a crash leaves no partial
-    directory under the final name. Rank 0 passes model, optimizer, config and state."""
-    from safetensors.torch import save_file
+    directory under the final name. Rank 0 passes model, optimizer, config and state. Every file's
+    size and sha256 are recorded (manifest.json; rank_<r>.json for each rank's own file)."""
+    from safetensors.torch import save as safetensors_bytes
 
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
     final = parent / name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
     try:
-        torch.save(rank_state, tmp / f"rank_{rank}.pt")
+        rank_file = f"rank_{rank}.pt"
+        digest = _write_digested(tmp / rank_file, lambda f: torch.save(rank_state, f))
+        (tmp / f"rank_{rank}.json").write_text(json.dumps({"file": rank_file, **digest}) + "\n")
         if rank == 0:
             weights = model.state_dict()
             if config.model.tie_embeddings:  # safetensors stores a shared tensor once: drop the alias
                 weights.pop("lm_head.weight")
-            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+            blob = safetensors_bytes({k: v.detach().contiguous() for k, v in weights.items()})
+            files = {"model.safetensors": _write_digested(tmp / "model.safetensors", lambda f: f.write(blob))}
+            del blob
+            files["optimizer.pt"] = _write_digested(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
+            texts = {"state.json": json.dumps(state, indent=1) + "\n",
+                     "config.json": json.dumps(config.to_dict(), indent=1) + "\n"}
+            for dest, text in texts.items():
+                files[dest] = _write_digested(tmp / dest, lambda f: f.write(text.encode()))
             for dest, src in (copy_files or {}).items():
                 shutil.copyfile(src, tmp / dest)
-            files = {p.name: p.stat().st_size for p in tmp.iterdir() if p.name != f"rank_{rank}.pt"}
-            manifest = {"files": files, "world_size": state["world_size"]}
+                files[dest] = file_digest(tmp / dest)
+            manifest = {"version": MANIFEST_VERSION, "files": files, "world_size": state["world_size"]}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if final.exists():
             shutil.rmtree(final)
@@ -122,26 +188,62 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
 # --- reading -----------------------------------------------------------------------------------------
 
 
+def _read_json(path: Path, what: str):
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {path.parent} is not a complete raypipe checkpoint") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not readable as {what} ({e})") from None
+
+
+def _check_file(d: Path, name: str, entry, listed_in: str) -> None:
+    """One listed file: present, its size, and (from manifest version 2 on) its sha256."""
+    f = d / name
+    if isinstance(entry, int) and not isinstance(entry, bool):  # version 1 manifests recorded sizes only
+        entry = {"size": entry}
+    if not (isinstance(entry, dict) and isinstance(entry.get("size"), int) and entry["size"] >= 0
+            and isinstance(entry.get("sha256", ""), str)):
+        raise CheckpointError(f"{d / listed_in}: entry for '{name}' must be {{size: bytes, sha256: hex}}, got {entry!r}")
+    if "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise CheckpointError(f"{d / listed_in}: '{name}' is not a file name inside the checkpoint")
+    if not f.is_file():
+        raise CheckpointError(f"{f} is missing (listed in {listed_in})")
+    size = f.stat().st_size
+    if size != entry["size"]:
+        raise CheckpointError(f"{f}: {size} bytes, but {listed_in} says {entry['size']}: truncated or altered")
+    if "sha256" in entry:
+        found = file_digest(f)["sha256"]
+        if found != entry["sha256"]:
+            raise CheckpointError(f"{f}: sha256 {found[:16]}..., but {listed_in} says {entry['sha256'][:16]}...: "
+                                  "the file was altered or damaged after it was written")
+
+
 def verify(checkpoint_dir: str | Path) -> dict:
-    """Check the manifest: every file there with its size, every rank's file present."""
+    """Check the checkpoint against its manifest, byte for byte: every file rank 0 wrote (size and
+    sha256) and every rank's own file (against its rank_<r>.json). Returns the manifest."""
     d = Path(checkpoint_dir)
     path = d / MANIFEST
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: {d} is not a complete raypipe checkpoint")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    for name, size in manifest["files"].items():
-        f = d / name
-        if not f.is_file():
-            raise CheckpointError(f"{f} is missing (listed in {MANIFEST})")
-        if f.stat().st_size != size:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, but {MANIFEST} says {size}: truncated or altered")
-    for r in range(manifest["world_size"]):
-        if not (d / f"rank_{r}.pt").is_file():
-            raise CheckpointError(f"{d / f'rank_{r}.pt'} is missing: the checkpoint was written by "
-                                  f"{manifest['world_size']} ranks")
+    manifest = _read_json(path, "a checkpoint manifest")
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)):
+        raise CheckpointError(f"{path}: expected a mapping with 'files' (name -> size and sha256) and 'world_size'")
+    ws = manifest.get("world_size")
+    if not (isinstance(ws, int) and not isinstance(ws, bool) and ws >= 1):
+        raise CheckpointError(f"{path}: 'world_size' must be a positive integer, got {ws!r}")
+    for name, entry in manifest["files"].items():
+        _check_file(d, name, entry, MANIFEST)
+    for r in range(ws):
+        rank_file = d / f"rank_{r}.pt"
+        if not rank_file.is_file():
+            raise CheckpointError(f"{rank_file} is missing: the checkpoint was written by {ws} ranks")
+        digest_file = d / f"rank_{r}.json"
+        if manifest.get("version", 1) >= 2:
+            entry = _read_json(digest_file, "a rank's file digest")
+            if not isinstance(entry, dict) or entry.get("file") != rank_file.name:
+                raise CheckpointError(f"{digest_file}: expected {{file: {rank_file.name}, size, sha256}}, got {entry!r}")
+            _check_file(d, rank_file.name, {k: entry.get(k) for k in ("size", "sha256")}, digest_file.name)
     return manifest
 
 
@@ -164,13 +266,29 @@ def _load_weights(path: Path) -> dict:
 
 def read_config(checkpoint_dir: str | Path) -> Config:
     path = Path(checkpoint_dir) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing: {checkpoint_dir} is not a raypipe checkpoint")
-    return Config.from_dict(json.loads(path.read_text()), origin=str(path))
+    raw = _read_json(path, "a run config")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    return Config.from_dict(raw, origin=str(path))
+
+
+# state.json keys `loop.train` reads back, and what each must be
+STATE_KEYS = {"step": int, "world_size": int, "history": list, "step_losses": list, "skipped_steps": int,
+              "restarts": int, "scaler": dict}
 
 
 def load_state(checkpoint_dir: str | Path) -> dict:
-    return json.loads((Path(checkpoint_dir) / "state.json").read_text())
+    path = Path(checkpoint_dir) / "state.json"
+    state = _read_json(path, "checkpoint state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a mapping (step, history, ...), got {type(state).__name__}")
+    for key, kind in STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{path}: '{key}' must be {kind.__name__}, got {value!r:.80}")
+    if not all(isinstance(h, dict) and isinstance(h.get("step"), int) for h in state["history"]):
+        raise CheckpointError(f"{path}: 'history' must be a list of evaluations, each with its 'step'")
+    return state
 
 
 def load_model_weights(model: GemmaLM, weights: dict, path: Path) -> GemmaLM:
@@ -212,7 +330,8 @@ def check_compatible(checkpoint_dir: str | Path, cfg: Config, data_meta: dict, w
     if diffs:
         raise CheckpointError(f"{d} holds another model shape: " + "; ".join(diffs))
     meta_path = d / "data_meta.json"
-    their_data = json.loads(meta_path.read_text()).get("sha256") if meta_path.is_file() else None
+    their_meta = _read_json(meta_path, "the data's meta.json") if meta_path.is_file() else {}
+    their_data = their_meta.get("sha256") if isinstance(their_meta, dict) else None
     if their_data != data_meta.get("sha256"):
         raise CheckpointError(f"{d} was trained on other data: its data_meta.json checksums {their_data} "
                               f"differ from {cfg.data.dir}/meta.json's {data_meta.get('sha256')}")
@@ -240,8 +359,11 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     summary = path / "summary.json"
     if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and Path(best).is_dir():
+        try:
+            best = json.loads(summary.read_text()).get("best_checkpoint")
+        except (OSError, ValueError, AttributeError):
+            best = None  # an unreadable summary: fall back to the latest complete checkpoint
+        if isinstance(best, str) and (Path(best) / MANIFEST).is_file():
             return Path(best)
     latest = latest_checkpoint(path) if path.is_dir() else None
     if latest is None:

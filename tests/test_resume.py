@@ -17,8 +17,8 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from raypipe.checkpoint import (CheckpointError, check_compatible, latest_checkpoint, load_for_resume, load_model,
-                                load_state, verify)
+from raypipe.checkpoint import (CheckpointError, check_compatible, file_digest, latest_checkpoint, load_for_resume,
+                                load_model, load_state, verify)
 from raypipe.data import read_meta
 from raypipe.loop import NonFiniteError, WorkerEnv, train
 from raypipe.train import main
@@ -169,9 +169,12 @@ def copy_of(src: Path, dst: Path) -> Path:
 
 
 def rewrite_manifest(d: Path) -> None:
+    """Make the manifest and the rank digests agree with the files as they now are (a forged checkpoint)."""
     manifest = json.loads((d / "manifest.json").read_text())
-    manifest["files"] = {name: (d / name).stat().st_size for name in manifest["files"]}
+    manifest["files"] = {name: file_digest(d / name) for name in manifest["files"]}
     (d / "manifest.json").write_text(json.dumps(manifest))
+    for r in range(manifest["world_size"]):
+        (d / f"rank_{r}.json").write_text(json.dumps({"file": f"rank_{r}.pt", **file_digest(d / f"rank_{r}.pt")}))
 
 
 def test_truncated_file_is_refused(checkpoint_dir, tmp_path):
@@ -190,6 +193,9 @@ def test_corrupted_file_is_refused(checkpoint_dir, tmp_path):
     data = bytearray((d / "optimizer.pt").read_bytes())
     data[10:60] = b"\xff" * 50
     (d / "optimizer.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"optimizer.pt: sha256 \w+\.\.\., but manifest.json says \w+\.\.\.: the file was altered"):
+        load_for_resume(d, rank=0)
+    rewrite_manifest(d)  # even with a manifest that agrees, the file itself does not parse
     with pytest.raises(CheckpointError, match="optimizer.pt: refused, not a plain tensor file"):
         load_for_resume(d, rank=0)
 
@@ -206,6 +212,9 @@ def test_a_pickle_that_would_run_code_is_refused(checkpoint_dir, tmp_path):
     Path(MARKER).unlink(missing_ok=True)
     d = copy_of(checkpoint_dir, tmp_path / "c")
     (d / "rank_0.pt").write_bytes(pickle.dumps({"python": RunsCode()}))
+    with pytest.raises(CheckpointError, match=r"rank_0.pt: \d+ bytes, but rank_0.json says"):
+        load_for_resume(d, rank=0)
+    rewrite_manifest(d)
     with pytest.raises(CheckpointError, match="rank_0.pt: refused, not a plain tensor file"):
         load_for_resume(d, rank=0)
     assert not Path(MARKER).exists()
