@@ -369,3 +369,22 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if latest is None:
         raise CheckpointError(f"{path}: neither a checkpoint ({MANIFEST}) nor a run directory with a complete checkpoint")
     return latest
+
+
+def choose_resume(ray_pick: Optional[Path], verified: Optional[str | Path], log) -> Optional[Path]:
+    """The checkpoint a worker continues from: the newest complete one among Ray's pick (its latest
+    checkpoint, after a worker failure or when a run directory is resumed) and the one the driver
+    verified (--resume). A damaged pick of Ray's is passed over, with a line, for the latest complete
+    checkpoint beside it. None: a fresh start."""
+    candidates = [Path(verified)] if verified else []
+    if ray_pick is not None:
+        try:
+            verify(ray_pick)
+            candidates.append(ray_pick)
+        except CheckpointError as e:
+            beside = latest_checkpoint(ray_pick.parent)
+            if beside is None and not candidates:  # never start over silently in the middle of a run
+                raise CheckpointError(f"{e}; and no complete checkpoint is left in {ray_pick.parent} to go on from") from None
+            log(f"[raypipe] not resuming from {ray_pick.name}: {e}")
+            candidates += [beside] if beside else []
+    return max(candidates, key=lambda d: load_state(d)["step"], default=None)

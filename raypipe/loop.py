@@ -59,7 +59,7 @@ def autocast_context(dtype: torch.dtype, device: torch.device):
 
 def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: int, ctx,
                      scaler: torch.amp.GradScaler) -> float:
-    """Accumulate gradients over `micro_steps` micro-batches; return their mean loss.
+    """Accumulate gradients over `micro_steps` micro-batches; return their mean loss (over ranks too).
 
     Each loss is divided by `micro_steps`, so the summed gradient is that of one batch
     `micro_steps` times larger (and the clip norm means the same for any k). Under DDP only the
@@ -74,7 +74,13 @@ def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: 
                 _, loss = model(x, y)
             scaler.scale(loss / micro_steps).backward()
         losses.append(loss.detach())
-    return torch.stack(losses).float().mean().item()  # one host sync per optimizer step
+    mean = torch.stack(losses).float().mean()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # The mean over ranks: every rank then skips (or takes) a non-finite step alike, a NaN on one
+        # rank reaching all; ranks that decided alone could diverge or hang in the next collective.
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+    return mean.item()  # one host sync per optimizer step
 
 
 def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -201,7 +207,9 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         data_files[tokenizer_file] = Path(data_dir) / tokenizer_file
     tokenizer = load_sampling_tokenizer(meta, data_dir, env) if master and t.sample_tokens else None
 
-    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master, run_id=run["wandb_run_id"])
+    # Evaluations the checkpoint holds and this W&B run may lack (lost when a run was killed) go in first.
+    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master, run_id=run["wandb_run_id"],
+                      history=run["history"])
     run["wandb_run_id"] = tracker.run_id
     first_step, last_step = run["step"] + 1, min(t.max_steps, t.stop_at or t.max_steps)
     if master:

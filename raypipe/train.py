@@ -8,6 +8,7 @@ source), starts or joins Ray, runs `train_func` on every worker, then writes `su
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,12 +20,13 @@ from typing import Optional
 import torch
 import yaml
 
-from .checkpoint import (MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_for_resume,
-                         load_state, read_config, verify)
+from .checkpoint import (MANIFEST, CheckpointError, check_compatible, choose_resume, latest_checkpoint,
+                         load_for_resume, load_state, read_config, verify)
 from .config import Config, ConfigError, apply_override, load_config, validate
 from .corpus import prepare_embedded
 from .data import DataError, unigram_entropy, validate_data
-from .loop import WorkerEnv, train
+from .errors import UserError
+from .loop import NonFiniteError, WorkerEnv, train
 from .model import GemmaLM
 from .staging import is_uri, node_cache_dir, read_remote_meta, stage_data, staging_enabled
 
@@ -50,25 +52,29 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
     resume_run = resume_checkpoint = None
     if args.resume:
         resume_run, resume_checkpoint = resolve_resume(args.resume)
-        if resume_run is not None:  # the same run, in place: same name and storage, so Ray restores it
-            overrides += [f"ray.name={resume_run.name}", f"ray.storage_path={resume_run.parent}"]
-    if args.name:
-        overrides.append(f"ray.name={args.name}")
-    if args.storage_path:
-        overrides.append(f"ray.storage_path={args.storage_path}")
     if args.resume and not args.config:
         cfg = read_config(resume_checkpoint)
-        for item in overrides:
+        for item in args.overrides:
             apply_override(cfg, item)
         validate(cfg, "--set")
         if resume_run is None:
             cfg.ray.name = None  # a new run from that checkpoint
     else:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, args.overrides)
+    # Flag values are taken as typed (a '#' or a number is part of the name), then checked like config values.
+    flags = {}
+    if resume_run is not None:  # the same run, in place: same name and storage, so Ray restores it
+        flags.update({("name", "--resume"): resume_run.name, ("storage_path", "--resume"): str(resume_run.parent)})
+    if args.name is not None:
+        flags[("name", "--name")] = args.name
+    if args.storage_path is not None:
+        flags[("storage_path", "--storage-path")] = args.storage_path
+    for (key, flag), value in flags.items():
+        setattr(cfg.ray, key, value)
+        validate(cfg, f"{flag} {value!r}")
     if resume_checkpoint is not None:
         step = load_state(resume_checkpoint)["step"]
         if cfg.train.stop_at is not None and cfg.train.stop_at <= step:
@@ -81,6 +87,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
     if "://" not in cfg.ray.storage_path:
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
+        run_dir = Path(cfg.ray.storage_path) / cfg.ray.name
+        if resume_run is None and (any(run_dir.glob("checkpoint_0*")) or (run_dir / "summary.json").exists()):
+            # Ray would silently continue (or mix into) that run: make the user say which they mean.
+            raise ConfigError(f"ray.name {cfg.ray.name!r}: {run_dir} already holds a run; continue it with "
+                              f"--resume {run_dir}, or pick another --name")
     return cfg
 
 
@@ -140,40 +151,79 @@ def dry_run(cfg: Config) -> None:
             data_note = f"data: {cfg.data.dir} not found: prepare it before training"
         else:
             raise
+    if cfg.resume_from:  # as the run does before Ray starts
+        meta_here = validate_data(local_data_dir(cfg), t.block_size, cfg.model.vocab_size)
+        check_compatible(cfg.resume_from, cfg, meta_here, cfg.ray.num_workers)
     with torch.device("meta"):  # shapes only: no memory, no init time, even for the 270M recipe
         model = GemmaLM(cfg.model)
     per_step = t.batch_size * t.block_size * t.grad_accum_steps * cfg.ray.num_workers
     head = "tied to the embedding" if cfg.model.tie_embeddings else "untied (its own matrix)"
     print(f"config ok: {cfg.ray.name}\n"
+          f"outputs: {cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}\n"
           f"parameters: {model.num_params():,} (output head {head}; vocab {cfg.model.vocab_size})\n"
           f"tokens per optimizer step: {per_step:,} = {t.batch_size} seqs x {t.block_size} tokens x "
           f"{t.grad_accum_steps} accumulation x {cfg.ray.num_workers} worker(s)\n"
-          f"token budget: {per_step * t.max_steps:,} over {t.max_steps:,} optimizer steps\n{data_note}")
+          f"token budget: {per_step * t.max_steps:,} over {t.max_steps:,} optimizer steps\n{data_note}\n"
+          f"resources: {resource_note(cfg)}")
+
+
+def resource_note(cfg: Config) -> str:
+    misfit = local_misfit(cfg)
+    if misfit is None:
+        return ("the cluster in RAY_ADDRESS decides" if os.environ.get("RAY_ADDRESS")
+                else "the workers fit this machine")
+    return f"{misfit}: a run here would be refused; run it where they fit, or on a cluster (RAY_ADDRESS)"
+
+
+def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
+    """Why the workers cannot all start on this machine (None: they can, or a cluster decides).
+    `have`: a running Ray's resources; by default what a fresh local Ray would get."""
+    if have is None:
+        if os.environ.get("RAY_ADDRESS"):
+            return None
+        have = {"CPU": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+                "GPU": torch.cuda.device_count()}
+    r = cfg.ray
+    need_cpu = r.num_workers * r.cpus_per_worker
+    need_gpu = r.num_workers * r.gpus_per_worker if r.use_gpu else 0
+    if need_cpu <= have.get("CPU", 0) and need_gpu <= have.get("GPU", 0):
+        return None
+    return (f"ray: {r.num_workers} worker(s) x (CPU {r.cpus_per_worker:g}"
+            f"{f', GPU {r.gpus_per_worker:g}' if r.use_gpu else ''}) do not fit this machine "
+            f"(CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
 
 
 def train_func(loop_config: dict) -> dict:
     """What each Ray Train worker runs: the thin adapter between Ray and `loop.train`."""
+    try:
+        return _train_worker(loop_config)
+    except (UserError, NonFiniteError) as e:  # a known failure: its message says it all, no traceback needed
+        raise e.with_traceback(None)
+
+
+def _train_worker(loop_config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
     cfg = Config.from_dict(loop_config["config"])
     ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
     # After a worker failure (or when a run directory is resumed) Ray hands back the run's latest
-    # checkpoint; otherwise --resume may have named one from elsewhere.
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_for_resume(Path(d), ctx.get_world_rank())
-    elif cfg.resume_from:
-        resume = load_for_resume(Path(cfg.resume_from), ctx.get_world_rank())
+    # checkpoint; --resume may also have named one, verified by the driver. The newest complete one
+    # wins; a damaged pick of Ray's is passed over for the latest complete checkpoint beside it.
+    checkpoint, resume = ray.train.get_checkpoint(), None
+    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as ray_dir:
+        chosen = choose_resume(Path(ray_dir) if ray_dir else None, cfg.resume_from,
+                               _worker_print if rank == 0 else (lambda line: None))
+        if chosen is not None:
+            resume = load_for_resume(chosen, rank)
 
     def report(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
-    env = WorkerEnv(rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+    env = WorkerEnv(rank=rank, world_size=ctx.get_world_size(),
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
                     out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
                     data_dir=local_data_dir(cfg))  # this node's verified copy when staging is on
@@ -199,20 +249,17 @@ def init_ray(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
     import ray
 
+    def refuse_misfit(have: Optional[dict] = None) -> None:
+        misfit = None if os.environ.get("RAY_ADDRESS") else local_misfit(cfg, have)
+        if misfit:
+            raise ConfigError(f"{misfit}; lower ray.num_workers or ray.cpus_per_worker, or set ray.use_gpu: false")
+
     if ray.is_initialized():
         return
+    refuse_misfit()  # what a fresh local Ray would get: refused before it starts
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env_vars()}})
-    need_cpu = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    need_gpu = cfg.ray.num_workers * cfg.ray.gpus_per_worker if cfg.ray.use_gpu else 0
-    have = ray.cluster_resources()
-    autoscaling = bool(os.environ.get("RAY_ADDRESS"))
-    if not autoscaling and (need_cpu > have.get("CPU", 0) or need_gpu > have.get("GPU", 0)):
-        raise ConfigError(
-            f"ray: {cfg.ray.num_workers} worker(s) x (CPU {cfg.ray.cpus_per_worker:g}"
-            f"{f', GPU {cfg.ray.gpus_per_worker:g}' if cfg.ray.use_gpu else ''}) do not fit this machine "
-            f"(CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g}); lower ray.num_workers or "
-            "ray.cpus_per_worker, or set ray.use_gpu: false")
+    refuse_misfit(ray.cluster_resources())  # what it got
 
 
 def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
@@ -259,9 +306,15 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"
     wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
     print(f"[raypipe] run {cfg.ray.name}: outputs go to {run_dir}", flush=True)  # e.g. for `ray job logs`
-    result = make_trainer(cfg, wandb_dir, callbacks).fit()
-    if result.error:
-        raise RunFailed(f"training failed: {result.error}\nrun directory (checkpoints kept): {result.path}")
+    from ray.train import TrainingFailedError
+
+    try:  # Train V2 raises from fit(); older paths return result.error
+        result = make_trainer(cfg, wandb_dir, callbacks).fit()
+        error = result.error
+    except TrainingFailedError as e:
+        error = e
+    if error:
+        raise RunFailed(describe_failure(error, run_dir)) from None
     summary = dict(result.return_value)
     best = min(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"], default=None)
     summary.update({
@@ -274,6 +327,39 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     write_outputs(result, cfg, summary)
     print_summary(summary)
     return summary
+
+
+def root_cause(error: BaseException) -> tuple[Optional[int], BaseException]:
+    """(rank or None, the exception that started it) of a failed fit(): a worker's own error when
+    there is one (raypipe's known errors first), else the controller's."""
+    failures = getattr(error, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures, key=lambda r: (not isinstance(failures[r], (UserError, NonFiniteError)), r))
+        cause = failures[rank]
+    else:
+        rank, cause = None, getattr(error, "controller_failure", None) or error
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # RayTaskError wraps the real one
+        cause = cause.cause
+    return rank, cause
+
+
+def describe_failure(error: BaseException, run_dir: str) -> str:
+    """Two lines: what failed (the root cause, not Ray's wrapping), and where the run and its last
+    complete checkpoint are, with the command that goes on from it."""
+    rank, cause = root_cause(error)
+    if isinstance(cause, (UserError, NonFiniteError)):
+        what = str(cause)
+    else:  # a bug or a crash: its type and first line; the worker's traceback is in the log above
+        first = (str(cause).strip().splitlines() or [""])[0][:300]
+        what = f"{type(cause).__name__}: {first} (traceback above)"
+    where = f"training failed{f' on rank {rank}' if rank is not None else ''}: {what}\nrun directory: {run_dir}"
+    if "://" in run_dir:
+        return where
+    last = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
+    if last is None:
+        return f"{where}; no complete checkpoint was written"
+    return (f"{where}; last complete checkpoint: {last.name} (step {load_state(last)['step']}); "
+            f"go on with: python -m raypipe.train --resume {run_dir}")
 
 
 def print_summary(s: dict) -> None:
@@ -299,7 +385,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             dry_run(cfg)
             return 0
         run(cfg)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except RunFailed as e:
