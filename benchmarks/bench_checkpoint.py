@@ -4,9 +4,11 @@
         [--step-seconds S ...]
 
 Builds the model and a stepped AdamW (so the optimizer state is full size), then times
-`save_checkpoint` (rank 0: weights, optimizer, state, RNG) and `load_for_resume` + loading the
-weights back, and prints the share of training time spent checkpointing at the config's
-eval_interval for each given optimizer-step time.
+`save_checkpoint` (rank 0: weights, optimizer, state, RNG, each file's sha256 computed while it is
+written), the same files written plainly without digests (alternating with it, so both see the same
+machine), `verify` (every byte read back and hashed, as before any load) and `load_for_resume` +
+loading the weights back, and prints the share of training time spent checkpointing at the
+config's eval_interval for each given optimizer-step time.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from raypipe.checkpoint import capture_rank_state, load_for_resume, load_model_weights, save_checkpoint
+from raypipe.checkpoint import capture_rank_state, load_for_resume, load_model_weights, save_checkpoint, verify
 from raypipe.config import load_config
 from raypipe.model import GemmaLM
 from raypipe.optim import configure_optimizer
@@ -40,16 +42,31 @@ def main() -> None:
     model(x, x)[1].backward()
     optimizer.step()  # fills exp_avg / exp_avg_sq: the optimizer state at its real size
     state = {"step": 1, "world_size": 1, "history": [], "step_losses": [0.0] * cfg.train.max_steps,
+             "skipped_steps": 0, "restarts": 0,
              "scaler": {}, "tokens": 0}
     rank_state = capture_rank_state(torch.Generator(), torch.device("cpu"))
 
-    saves, loads = [], []
+    def plain_save(d: Path) -> None:  # the same files, no digests: the baseline for the digest's cost
+        from safetensors.torch import save_file
+
+        d.mkdir()
+        torch.save(rank_state, d / "rank_0.pt")
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+        torch.save(optimizer.state_dict(), d / "optimizer.pt")
+
+    saves, plain, verifies, loads = [], [], [], []
     with tempfile.TemporaryDirectory(dir=".") as tmp:
         for i in range(args.repeats):
+            t0 = time.perf_counter()
+            plain_save(Path(tmp) / f"plain_{i}")
+            plain.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             d = save_checkpoint(tmp, f"checkpoint_{i:07d}", rank=0, rank_state=rank_state, model=model,
                                 optimizer=optimizer, config=cfg, state=state)
             saves.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            verify(d)
+            verifies.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             resume = load_for_resume(d, rank=0)
             load_model_weights(GemmaLM(cfg.model), resume.model, d)
@@ -58,11 +75,15 @@ def main() -> None:
         sizes = {f.name: f.stat().st_size for f in Path(d).iterdir()}
     total = sum(sizes.values())
     save, load = statistics.median(saves), statistics.median(loads)
+    base, check = statistics.median(plain), statistics.median(verifies)
     print(f"model: {model.num_params():,} parameters ({args.config})")
     print(f"checkpoint size: {total / 1e6:,.0f} MB (" + ", ".join(f"{k} {v / 1e6:,.1f} MB" for k, v in
                                                            sorted(sizes.items(), key=lambda kv: -kv[1])[:3]) + ")")
     print(f"save: {save:.2f} s median of {args.repeats} ({total / save / 1e9:.2f} GB/s); "
           f"load (weights + optimizer into a model): {load:.2f} s")
+    print(f"save without digests: {base:.2f} s median: the sha256s cost {save / base - 1:+.1%} of the save; "
+          f"verify (read and hash every file): {check:.2f} s ({total / check / 1e9:.2f} GB/s), "
+          f"{check / save:.0%} of the save time")
     for step_s in args.step_seconds:
         interval = cfg.train.eval_interval * step_s
         print(f"at {step_s:.3f} s/step, a checkpoint every {cfg.train.eval_interval} steps ({interval:,.0f} s): "

@@ -88,25 +88,25 @@ def restore_rank_state(rank_state: dict, sampler, device: torch.device) -> None:
 
 
 class DigestWriter:
-    """A binary file that computes its sha256 while it is written: the hash of each piece runs on a
-    second thread (hashlib drops the GIL) while the piece is written, so it costs little extra time."""
+    """A binary file that computes its sha256 while it is written. A large piece is hashed on a second
+    thread during its own write (both drop the GIL), so the digest costs about max(write, hash)
+    instead of their sum; each piece is done with before write() returns (no copy of it is kept)."""
 
-    PIECE = 64 << 20
+    LARGE = 1 << 20
 
     def __init__(self, path: Path):
         self.file, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
-        self.pool, self.pending = ThreadPoolExecutor(1), None
+        self.pool = ThreadPoolExecutor(1)
 
     def write(self, data) -> int:
-        # bytes are immutable; anything else (a view into a buffer its owner may reuse) is copied first
-        data = data if isinstance(data, bytes) else bytes(data)
-        view = memoryview(data)
-        for start in range(0, len(view), self.PIECE):
-            piece = view[start:start + self.PIECE]
-            if self.pending is not None:
-                self.pending.result()
-            self.pending = self.pool.submit(self.sha.update, piece)
-            self.file.write(piece)
+        view = memoryview(data).cast("B")
+        if len(view) >= self.LARGE:
+            hashing = self.pool.submit(self.sha.update, view)
+            self.file.write(view)
+            hashing.result()
+        else:
+            self.sha.update(view)
+            self.file.write(view)
         self.size += len(view)
         return len(view)
 
@@ -115,12 +115,8 @@ class DigestWriter:
 
     def close(self) -> dict:
         """{"size": bytes, "sha256": hex}, once the file is closed."""
-        try:
-            if self.pending is not None:
-                self.pending.result()
-            self.file.close()
-        finally:
-            self.pool.shutdown()
+        self.pool.shutdown()
+        self.file.close()
         return {"size": self.size, "sha256": self.sha.hexdigest()}
 
 
