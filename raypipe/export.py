@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import MANIFEST, load_model, read_config, resolve_checkpoint
+from .checkpoint import MANIFEST, load_model, read_config, resolve_checkpoint, verify
 from .errors import UserError
 from .model import is_sliding
 
@@ -204,6 +204,7 @@ def write_export(checkpoint: Path, out: Path) -> list[str]:
 def export(checkpoint: str | Path, out_dir: str | Path, force: bool = False) -> list[str]:
     """Write the model directory through a temporary sibling; return notes about what could not be included."""
     checkpoint = resolve_checkpoint(checkpoint)
+    verify(checkpoint)  # every file as written, before any of them is read
     out = check_out_dir(checkpoint, Path(out_dir), force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,18 @@ def test_a_run_name_must_be_a_safe_directory_name(name, tmp_path, capsys):
     assert "--set" not in err
 
 
+@pytest.mark.parametrize("item", ["ray.name=#run", "ray.storage_path=/x/st #1", "data.dir=data #old"])
+def test_a_yaml_comment_in_a_set_value_is_refused_not_dropped(item, capsys):
+    assert main(["--dry-run", "--set", item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --set {item}: the value ") and "holds a YAML comment" in err and "quote it" in err
+
+
+def test_a_quoted_set_value_keeps_its_hash(tmp_path, capsys):
+    assert main(["--dry-run", "--set", f'ray.storage_path="{tmp_path}/st #1"']) == 0
+    assert f"outputs: {tmp_path}/st #1/" in capsys.readouterr().out
+
+
 def test_a_new_run_does_not_take_over_an_existing_one(embedded_data, tmp_path, capsys):
     run_dir = tmp_path / "taken"
     (run_dir / "checkpoint_0000010").mkdir(parents=True)
@@ -93,6 +105,26 @@ def two_checkpoint_run(ray_cluster, embedded_data, tmp_path_factory):
     run_dir = root / "runs" / "two"
     assert sorted(d.name for d in run_dir.glob("checkpoint_0*")) == ["checkpoint_0000010", "checkpoint_0000020"]
     return run_dir
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "state.json", "rank_0.pt", "data_meta.json"])
+def test_a_changed_byte_of_the_same_size_is_refused_everywhere(name, two_checkpoint_run, tmp_path, capsys):
+    import shutil
+
+    from raypipe.export import main as export_main
+    from raypipe.generate import main as generate_main
+
+    ck = shutil.copytree(two_checkpoint_run / "checkpoint_0000020", tmp_path / "run" / "checkpoint_0000020")
+    flip_byte(ck / name, offset=len((ck / name).read_bytes()) // 2)
+    expected = f"{ck / name}: sha256 "
+    assert generate_main([str(ck), "--max-new-tokens", "4"]) == 2
+    assert export_main([str(ck), str(tmp_path / "hf")]) == 2
+    assert main(["--resume", str(ck), "--dry-run"]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 3, errs
+    for e in errs:
+        assert e.startswith("error: ") and expected in e, e
+    assert not (tmp_path / "hf").exists()
 
 
 def test_dry_run_checks_the_checkpoint_it_would_resume(two_checkpoint_run, capsys):
