@@ -117,7 +117,7 @@ def check_workers(cfg: Config, workers: int) -> None:
 
 def run_ray(cfg: Config, workers: int) -> dict:
     """`workers` as passed by check_workers, which main runs for every count before any run."""
-    from .train import init_ray, make_trainer
+    from .driver import init_ray, make_trainer
 
     # N workers split the config's effective batch: accumulation / N each (DDP all-reduces once per step).
     cfg.train.grad_accum_steps //= workers

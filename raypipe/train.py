@@ -1,38 +1,27 @@
 """`python -m raypipe.train`: one training run through a Ray Train TorchTrainer.
 
-The driver validates the config and the data (preparing the embedded corpus when that is the
-source), starts or joins Ray, runs `train_func` on every worker, then writes `summary.json`,
-`config.yaml` and `metrics.jsonl` into the run directory (`storage_path/name`).
+The command line: flags and config into a checked `Config` (a run to resume, `--dry-run`), then
+`driver.run`, which runs it on Ray and writes the run directory. This module does not import Ray.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import yaml
 
-from .checkpoint import (MANIFEST, CheckpointError, check_compatible, choose_resume, latest_checkpoint,
-                         load_for_resume, load_state, read_config, verify)
+from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
 from .config import Config, ConfigError, apply_override, load_config, validate
-from .corpus import prepare_embedded
-from .data import DataError, unigram_entropy, validate_data
+from .data import DataError, validate_data
+from .driver import RunFailed, local_data_dir, local_misfit, run
 from .errors import UserError
-from .loop import NonFiniteError, WorkerEnv, train
 from .model import GemmaLM
-from .staging import is_uri, node_cache_dir, read_remote_meta, stage_data, staging_enabled
-
-
-class RunFailed(RuntimeError):
-    """The training function failed (after any retries); the message carries the cause."""
+from .staging import is_uri, read_remote_meta
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
@@ -108,28 +97,6 @@ def resolve_resume(path: str) -> tuple[Optional[Path], Path]:
     return p, latest
 
 
-def local_data_dir(cfg: Config) -> str:
-    """Where this process reads the data: cfg.data.dir, or this node's verified copy of it."""
-    if staging_enabled(cfg.data.dir, cfg.data.cache_dir):
-        return str(stage_data(cfg.data.dir, node_cache_dir(cfg.data.cache_dir)))
-    return cfg.data.dir
-
-
-def prepare_data(cfg: Config) -> dict:
-    """Make sure the data exists and fits the run; fill model.vocab_size from it when unset.
-    A checkpoint to resume from must fit the model and the data: checked here, before Ray starts.
-    Data from a URI or with data.cache_dir is staged on the driver's node first: a bad copy or
-    checksum is an error here, before any worker starts."""
-    if cfg.data.source == "embedded":
-        prepare_embedded(cfg.data)
-    meta = validate_data(local_data_dir(cfg), cfg.train.block_size, cfg.model.vocab_size)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = meta["vocab_size"]
-    if cfg.resume_from:
-        check_compatible(cfg.resume_from, cfg, meta, cfg.ray.num_workers)
-    return meta
-
-
 def dry_run(cfg: Config) -> None:
     t = cfg.train
     data_note = ""
@@ -173,208 +140,6 @@ def resource_note(cfg: Config) -> str:
         return ("the cluster in RAY_ADDRESS decides" if os.environ.get("RAY_ADDRESS")
                 else "the workers fit this machine")
     return f"{misfit}: a run here would be refused; run it where they fit, or on a cluster (RAY_ADDRESS)"
-
-
-def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
-    """Why the workers cannot all start on this machine (None: they can, or a cluster decides).
-    `have`: a running Ray's resources; by default what a fresh local Ray would get."""
-    if have is None:
-        if os.environ.get("RAY_ADDRESS"):
-            return None
-        have = {"CPU": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                "GPU": torch.cuda.device_count()}
-    r = cfg.ray
-    need_cpu = r.num_workers * r.cpus_per_worker
-    need_gpu = r.num_workers * r.gpus_per_worker if r.use_gpu else 0
-    if need_cpu <= have.get("CPU", 0) and need_gpu <= have.get("GPU", 0):
-        return None
-    return (f"ray: {r.num_workers} worker(s) x (CPU {r.cpus_per_worker:g}"
-            f"{f', GPU {r.gpus_per_worker:g}' if r.use_gpu else ''}) do not fit this machine "
-            f"(CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
-
-
-def train_func(loop_config: dict) -> dict:
-    """What each Ray Train worker runs: the thin adapter between Ray and `loop.train`."""
-    try:
-        return _train_worker(loop_config)
-    except (UserError, NonFiniteError) as e:  # a known failure: its message says it all, no traceback needed
-        raise e.with_traceback(None)
-
-
-def _train_worker(loop_config: dict) -> dict:
-    import ray.train
-    import ray.train.torch
-
-    cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    # After a worker failure (or when a run directory is resumed) Ray hands back the run's latest
-    # checkpoint; --resume may also have named one, verified by the driver. The newest complete one
-    # wins; a damaged pick of Ray's is passed over for the latest complete checkpoint beside it.
-    checkpoint, resume = ray.train.get_checkpoint(), None
-    with (checkpoint.as_directory() if checkpoint else contextlib.nullcontext()) as ray_dir:
-        chosen = choose_resume(Path(ray_dir) if ray_dir else None, cfg.resume_from,
-                               _worker_print if rank == 0 else (lambda line: None))
-        if chosen is not None:
-            resume = load_for_resume(chosen, rank)
-
-    def report(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint,
-                         checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
-
-    env = WorkerEnv(rank=rank, world_size=ctx.get_world_size(),
-                    device=ray.train.torch.get_device(), run_name=cfg.ray.name,
-                    out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
-                    data_dir=local_data_dir(cfg))  # this node's verified copy when staging is on
-    return train(cfg, env, resume)
-
-
-def _worker_print(line: str) -> None:
-    # Ray Train patches print() into a logger and, when W&B has wrapped sys.stdout, also prints:
-    # the real stdout gets the line once, and Ray forwards it to the driver.
-    print(line, file=sys.__stdout__, flush=True)
-
-
-# Passed on to Ray's workers when set here: NCCL's settings, and the switches that keep NVLink
-# multicast off on shared hosts (NCCL_NVLS_ENABLE=0 and its PyTorch / NVSHMEM twins).
-WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_")
-
-
-def worker_env_vars() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
-
-
-def init_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (as `ray job submit` sets it) or start a local one."""
-    import ray
-
-    def refuse_misfit(have: Optional[dict] = None) -> None:
-        misfit = None if os.environ.get("RAY_ADDRESS") else local_misfit(cfg, have)
-        if misfit:
-            raise ConfigError(f"{misfit}; lower ray.num_workers or ray.cpus_per_worker, or set ray.use_gpu: false")
-
-    if ray.is_initialized():
-        return
-    refuse_misfit()  # what a fresh local Ray would get: refused before it starts
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
-             runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env_vars()}})
-    refuse_misfit(ray.cluster_resources())  # what it got
-
-
-def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    r = cfg.ray
-    resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    return TorchTrainer(
-        train_func,
-        train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir},
-        scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
-                                     placement_strategy=r.placement_strategy),
-        run_config=RunConfig(
-            name=r.name, storage_path=r.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep,
-                                               checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
-            failure_config=FailureConfig(max_failures=r.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-
-
-def write_outputs(result, cfg: Config, summary: dict) -> None:
-    """summary.json, config.yaml and metrics.jsonl beside Ray's checkpoints (local disk or a URI)."""
-    fs, base = result.filesystem, result.path
-    history = summary.pop("history")
-    files = {
-        "summary.json": json.dumps(summary, indent=2) + "\n",
-        "config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False),
-        "metrics.jsonl": "".join(json.dumps(h) + "\n" for h in history),
-    }
-    for name, text in files.items():
-        with fs.open_output_stream(f"{base}/{name}") as f:
-            f.write(text.encode())
-
-
-def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
-    """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
-    wall_start = time.perf_counter()
-    meta = prepare_data(cfg)
-    init_ray(cfg)
-    local_storage = "://" not in cfg.ray.storage_path
-    run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"
-    wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
-    print(f"[raypipe] run {cfg.ray.name}: outputs go to {run_dir}", flush=True)  # e.g. for `ray job logs`
-    from ray.train import TrainingFailedError
-
-    try:  # Train V2 raises from fit(); older paths return result.error
-        result = make_trainer(cfg, wandb_dir, callbacks).fit()
-        error = result.error
-    except TrainingFailedError as e:
-        error = e
-    if error:
-        raise RunFailed(describe_failure(error, run_dir)) from None
-    summary = dict(result.return_value)
-    best = min(result.best_checkpoints or [], key=lambda cm: cm[1]["val_loss"], default=None)
-    summary.update({
-        "run_dir": result.path,
-        "best_checkpoint": best[0].path if best else None,
-        "val_unigram_entropy": unigram_entropy(local_data_dir(cfg), "val"),
-        "data_dir": cfg.data.dir, "vocab_size": meta["vocab_size"],
-        "wall_time_s": time.perf_counter() - wall_start,
-    })
-    write_outputs(result, cfg, summary)
-    print_summary(summary)
-    return summary
-
-
-def root_cause(error: BaseException) -> tuple[Optional[int], BaseException]:
-    """(rank or None, the exception that started it) of a failed fit(): a worker's own error when
-    there is one (raypipe's known errors first), else the controller's."""
-    failures = getattr(error, "worker_failures", None) or {}
-    if failures:
-        rank = min(failures, key=lambda r: (not isinstance(failures[r], (UserError, NonFiniteError)), r))
-        cause = failures[rank]
-    else:
-        rank, cause = None, getattr(error, "controller_failure", None) or error
-    while getattr(cause, "cause", None) is not None and cause.cause is not cause:  # RayTaskError wraps the real one
-        cause = cause.cause
-    return rank, cause
-
-
-def describe_failure(error: BaseException, run_dir: str) -> str:
-    """Two lines: what failed (the root cause, not Ray's wrapping), and where the run and its last
-    complete checkpoint are, with the command that goes on from it."""
-    rank, cause = root_cause(error)
-    if isinstance(cause, (UserError, NonFiniteError)):
-        what = str(cause)
-    else:  # a bug or a crash: its type and first line; the worker's traceback is in the log above
-        first = (str(cause).strip().splitlines() or [""])[0][:300]
-        what = f"{type(cause).__name__}: {first} (traceback above)"
-    where = f"training failed{f' on rank {rank}' if rank is not None else ''}: {what}\nrun directory: {run_dir}"
-    if "://" in run_dir:
-        return where
-    last = latest_checkpoint(run_dir) if Path(run_dir).is_dir() else None
-    if last is None:
-        return f"{where}; no complete checkpoint was written"
-    return (f"{where}; last complete checkpoint: {last.name} (step {load_state(last)['step']}); "
-            f"go on with: python -m raypipe.train --resume {run_dir}")
-
-
-def print_summary(s: dict) -> None:
-    beat = "below" if s["final_val_loss"] < s["val_unigram_entropy"] else "NOT below"
-    stopped = (f" of {s['max_steps']} (train.stop_at; go on with --resume {s['run_dir']})"
-               if s["steps"] < s["max_steps"] else "")
-    print(f"\n[raypipe] done: {s['steps']} steps{stopped}, {s['tokens']:,} tokens in {s['wall_time_s']:.0f}s wall "
-          f"({s['tokens_per_sec'] or 0:,.0f} tokens/s while training)\n"
-          + (f"[raypipe] restarts: {s['restarts']}, skipped non-finite steps: {s['skipped_steps']}\n"
-             if s["restarts"] or s["skipped_steps"] else "")
-          + f"[raypipe] val loss: final {s['final_val_loss']:.4f}, best {s['best_val_loss']:.4f} (step {s['best_step']}); "
-          f"train loss {s['final_train_loss']:.4f}\n"
-          f"[raypipe] val unigram entropy {s['val_unigram_entropy']:.4f} nats: final val loss is {beat} it\n"
-          f"[raypipe] best checkpoint: {s['best_checkpoint']}\n"
-          f"[raypipe] run directory: {s['run_dir']} (summary.json, config.yaml, metrics.jsonl)")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -91,7 +91,8 @@ def test_more_workers_than_the_local_machine_has_is_refused_up_front(tmp_path):
 
 
 def test_one_worker_with_wandb_disabled(ray_cluster, embedded_data, tmp_path):
-    from raypipe.train import resolve_config, parse_args, run
+    from raypipe.driver import run
+    from raypipe.train import parse_args, resolve_config
 
     args = parse_args(["--set", f"data.dir={embedded_data}", "--set", "data.num_stories=3000",
                        "--set", "model.n_layer=2", "--set", "model.n_embd=32", "--set", "model.mlp_hidden=64",
