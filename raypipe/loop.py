@@ -26,6 +26,7 @@ from .data import BatchSampler, CudaPrefetcher, read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM
 from .optim import configure_optimizer, lr_at
+from .provenance import code_version
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
 
@@ -182,14 +183,14 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 
     # Run state: all of it goes into every checkpoint, and comes back from one.
     run = {"step": 0, "history": [], "step_losses": [], "skipped_steps": 0, "restarts": 0, "wandb_run_id": None,
-           "world_size": env.world_size, "run_name": env.run_name}
+           "world_size": env.world_size, "run_name": env.run_name, "code": code_version()}
     if resume is not None:
         check_compatible(resume.path, cfg, meta, env.world_size)
         load_model_weights(raw_model, resume.model, resume.path)
         optimizer.load_state_dict(resume.optimizer)
         scaler.load_state_dict(resume.state["scaler"])
         restore_rank_state(resume.rank_state, train_batches, device)
-        run.update({k: resume.state[k] for k in run if k not in ("world_size", "run_name")})
+        run.update({k: resume.state[k] for k in run if k not in ("world_size", "run_name", "code")})
         run["restarts"] += 1
         if resume.state.get("run_name") != env.run_name:  # a new run from another's checkpoint: new W&B run
             run["wandb_run_id"] = None
@@ -301,7 +302,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         "tokens_per_sec": (last_step - first_step + 1) * tokens_per_step / train_time if train_time else None,
         "train_time_s": train_time, "num_params": raw_model.num_params(), "world_size": env.world_size,
         "skipped_steps": run["skipped_steps"], "restarts": run["restarts"],
-        "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history,
+        "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history, "code": run["code"],
         # this session's steps, for benchmarks: wall time of each, host time waiting for batches
         "step_times_s": step_times, "data_wait_s": data_waits,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,

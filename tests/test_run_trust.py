@@ -127,6 +127,20 @@ def test_a_changed_byte_of_the_same_size_is_refused_everywhere(name, two_checkpo
     assert not (tmp_path / "hf").exists()
 
 
+def test_the_code_that_made_a_run_is_recorded(two_checkpoint_run):
+    import re
+
+    from raypipe import __version__
+
+    summary = json.loads((two_checkpoint_run / "summary.json").read_text())
+    state = load_state(two_checkpoint_run / "checkpoint_0000020")
+    for code in (summary["code"], state["code"]):
+        assert code["raypipe"] == __version__
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        if head.returncode == 0:  # a git checkout (CI clones one): its commit
+            assert code["git_commit"] == head.stdout.strip() and re.fullmatch(r"[0-9a-f]{40}", code["git_commit"])
+
+
 def test_dry_run_checks_the_checkpoint_it_would_resume(two_checkpoint_run, capsys):
     ck = two_checkpoint_run / "checkpoint_0000020"
     assert main(["--resume", str(ck), "--set", "model.n_layer=3", "--dry-run"]) == 2
