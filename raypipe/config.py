@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
 import re
 import types
 import typing
@@ -140,7 +142,21 @@ class Config:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4` and reads `1e-4` as a str)."""
+    """SafeLoader that reads `1e-4` as a float (YAML 1.1 wants `1.0e-4` and reads `1e-4` as a str)
+    and refuses a key written twice in one mapping (PyYAML keeps the last one without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found the key {key!r} twice", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(
@@ -164,8 +180,9 @@ def parse_yaml(text: str, origin: str) -> Any:
         raise ConfigError(f"{origin}: not valid YAML: {e}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file (if any), then `--set key=value` overrides; then validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] = (), set_origin: str = "--set") -> Config:
+    """Defaults, then the YAML file (if any), then `--set key=value` overrides; then validate.
+    `set_origin` names where the overrides come from in messages (a sweep file's `set:` list)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -176,19 +193,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
         _merge(cfg, raw or {}, str(path), prefix="")
     for item in overrides:
-        apply_override(cfg, item)
-    validate(cfg, str(path) if path else "default config")
+        if not isinstance(item, str):
+            raise ConfigError(f"{set_origin}: {item!r}: expected a 'dotted.key=value' string")
+        apply_override(cfg, item, f"{set_origin} {item}")
+    validate(cfg, (str(path) if path else "default config") + (f" and {set_origin}" if overrides else ""))
     return cfg
 
 
-def apply_override(cfg: Config, item: str) -> None:
-    """Apply one `dotted.key=value`; the value is read as YAML (so `1e-4`, `true`, `[a, b]` work)."""
+def apply_override(cfg: Config, item: str, origin: Optional[str] = None) -> None:
+    """Apply one `dotted.key=value`; the value is read as YAML (so `1e-4`, `true`, `[a, b]` work).
+    `origin` names where the item was written (default: `--set <item>`)."""
+    origin = origin or f"--set {item}"
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected dotted.key=value, e.g. train.learning_rate=1e-3")
-    origin = f"--set {item}"
-    *parents, leaf = key.strip().split(".")
-    nested: dict = {leaf: parse_yaml(value, origin) if value.strip() else None}
+        raise ConfigError(f"{origin}: expected dotted.key=value, e.g. train.learning_rate=1e-3")
+    text = value.strip()
+    if re.search(r"(^|\s)#", text) and text[:1] not in ("'", '"'):
+        # YAML reads ' #...' as a comment: `ray.name=#run` would silently unset the key, a path would be cut
+        raise ConfigError(f"{origin}: the value {text!r} holds a YAML comment (a '#' at the start or after a space); "
+                          f"quote it: --set {key.strip()}='\"{text}\"'")
+    set_value(cfg, key.strip(), parse_yaml(value, origin) if text else None, origin)
+
+
+def set_value(cfg: Config, key: str, value: Any, origin: str) -> None:
+    """Set one dotted key to an already parsed value, checked as a value in a config file is."""
+    *parents, leaf = key.split(".")
+    nested: dict = {leaf: value}
     for p in reversed(parents):
         nested = {p: nested}
     _merge(cfg, nested, origin, prefix="")
@@ -207,11 +237,33 @@ def all_keys(obj: Any = None, prefix: str = "") -> list[str]:
     return keys
 
 
+def key_types() -> dict[str, Any]:
+    """Every dotted leaf key with its value type (Optional[...] unwrapped): int, float, bool, str or list[str]."""
+    return dict(_schema(Config))
+
+
+_type_hints = functools.cache(typing.get_type_hints)  # the schema is fixed; sweeps check thousands of values
+
+
+@functools.cache
+def _schema(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
+    hints, out = _type_hints(cls), []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out += _schema(hint, f"{prefix}{f.name}.")
+            continue
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        out.append((f"{prefix}{f.name}", hint))
+    return tuple(out)
+
+
 def _merge(obj: Any, raw: dict, origin: str, prefix: str) -> None:
     if not isinstance(raw, dict):
         raise ConfigError(f"{origin}: '{prefix.rstrip('.')}' must be a mapping, got {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = typing.get_type_hints(type(obj))
+    hints = _type_hints(type(obj))
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
@@ -243,7 +295,10 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
+        try:
+            value = float(value) if ok else value
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"{origin}: '{key}' = {value}: too large for a number (at most about 1.8e308)") from None
     elif hint is str:
         ok = isinstance(value, str)
     elif typing.get_origin(hint) is list:
@@ -262,6 +317,26 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# A run or sweep name is one directory under storage_path (and a W&B run name): nothing that could
+# leave that directory, hide it, look like a flag or need quoting in a shell.
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=@-]{0,127}")
+SAFE_NAME_RULE = ("must be a plain directory name: 1 to 128 characters from letters, digits and . _ - + = @, "
+                  "starting with a letter, digit or _ (no '/', '\\', spaces, '..' or leading '-' or '.')")
+RESOURCE_STEP = 0.0001  # Ray refuses a fractional CPU/GPU request below this
+WANDB_PROJECT_FORBIDDEN = "/\\#?%:"
+
+
+def check_name(value: Any, key: str, origin: str) -> None:
+    """Refuse a run or sweep name that is not a safe single path component (SAFE_NAME_RULE)."""
+    if not (isinstance(value, str) and SAFE_NAME.fullmatch(value)):
+        raise ConfigError(f"{origin}: '{key}' = {value!r}: {SAFE_NAME_RULE}")
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    obj = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def validate(cfg: Config, origin: str = "config") -> None:
@@ -274,6 +349,17 @@ def validate(cfg: Config, origin: str = "config") -> None:
             fail(f"{prefix}.{name}", v, "must be " + ("zero or more" if allow_zero else "greater than 0"))
 
     d, m, t, r, w = cfg.data, cfg.model, cfg.train, cfg.ray, cfg.wandb
+    # Every float key, from the schema: NaN passes every `<` and `>` check below, inf most of them.
+    for key, hint in _schema(Config):
+        value = _get(cfg, key)
+        if hint is float and value is not None and not math.isfinite(value):
+            fail(key, value, "must be a finite number")
+        if hint is int and value is not None and not -2**63 <= value < 2**63:  # torch, numpy and Ray take int64
+            fail(key, value, "must fit a 64-bit integer (-2**63 to 2**63 - 1)")
+    for key in ("data.dir", "data.cache_dir", "ray.storage_path", "resume_from"):  # paths
+        value = _get(cfg, key)
+        if value is not None and (not value.strip() or "\0" in value):
+            fail(key, value, "must be a non-empty path without NUL characters")
     if d.source not in DATA_SOURCES:
         fail("data.source", d.source, f"expected one of {', '.join(DATA_SOURCES)}")
     if not 0 < d.val_fraction < 1:
@@ -288,6 +374,10 @@ def validate(cfg: Config, origin: str = "config") -> None:
              "(e.g. /tmp/raypipe-data or ~/.cache/raypipe), not a URI or a relative path")
     if d.tokenizer_vocab < 257:
         fail("data.tokenizer_vocab", d.tokenizer_vocab, "a byte-level BPE needs at least 257 tokens (256 bytes + end-of-text)")
+    if d.tokenizer_vocab > 2**32:
+        fail("data.tokenizer_vocab", d.tokenizer_vocab, "must be at most 2**32 (token ids are stored as uint32)")
+    if d.num_stories < 2:
+        fail("data.num_stories", d.num_stories, "must be at least 2 (one story for validation, the rest for training)")
 
     for name in ("n_layer", "n_embd", "n_head", "n_kv_head", "head_dim", "mlp_hidden", "sliding_window", "global_every"):
         positive(m, name, "model")
@@ -298,6 +388,14 @@ def validate(cfg: Config, origin: str = "config") -> None:
     positive(m, "vocab_pad_multiple", "model", allow_zero=True)
     if m.head_dim % 2:
         fail("model.head_dim", m.head_dim, "must be even (rotary embeddings rotate pairs)")
+    for name in ("rope_local_base", "rope_global_base"):  # base ** (-i/d): <= 0 gives NaN, 1 no positions
+        if getattr(m, name) <= 1:
+            fail(f"model.{name}", getattr(m, name), "must be greater than 1 (Gemma 3: 10000 local, 1000000 global)")
+    for name in ("norm_eps", "init_std"):  # eps 0: a zero vector normalises to NaN; std <= 0: no or no valid init
+        positive(m, name, "model")
+    if m.query_pre_attn_scalar is not None and m.query_pre_attn_scalar <= 0:
+        fail("model.query_pre_attn_scalar", m.query_pre_attn_scalar,
+             "must be greater than 0 (attention scale scalar ** -0.5), or null for model.head_dim")
 
     for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
                  "log_interval", "max_nonfinite_steps"):
@@ -320,6 +418,11 @@ def validate(cfg: Config, origin: str = "config") -> None:
             fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
     if t.dtype not in DTYPES:
         fail("train.dtype", t.dtype, f"expected one of {', '.join(DTYPES)}")
+    if t.sample_tokens and t.num_samples < 1:
+        fail("train.num_samples", t.num_samples, "must be at least 1 while train.sample_tokens > 0 "
+             "(set train.sample_tokens: 0 for no samples)")
+    if t.seed < 0:
+        fail("train.seed", t.seed, "must be 0 or more (numpy seeds the data streams with it)")
     if t.dtype == "float16" and not r.use_gpu:
         fail("train.dtype", t.dtype, "float16 autocast needs a GPU (ray.use_gpu: true); use float32 or bfloat16 on CPU")
 
@@ -329,7 +432,23 @@ def validate(cfg: Config, origin: str = "config") -> None:
     positive(r, "max_failures", "ray", allow_zero=True)
     if r.use_gpu:
         positive(r, "gpus_per_worker", "ray")
+    for name in ("cpus_per_worker", "gpus_per_worker") if r.use_gpu else ("cpus_per_worker",):
+        if 0 < getattr(r, name) < RESOURCE_STEP:
+            fail(f"ray.{name}", getattr(r, name), f"must be 0 or at least {RESOURCE_STEP} (Ray's resource precision)")
+    if r.use_gpu and r.gpus_per_worker < 1 and r.num_workers > 1:
+        fail("ray.gpus_per_worker", r.gpus_per_worker, f"a fraction of a GPU with ray.num_workers {r.num_workers}: "
+             "NCCL refuses two ranks on one GPU ('Duplicate GPU detected'); fractional GPUs suit one worker")
+    if r.name is not None:
+        check_name(r.name, "ray.name", origin)
     if r.placement_strategy not in PLACEMENT_STRATEGIES:
         fail("ray.placement_strategy", r.placement_strategy, f"expected one of {', '.join(PLACEMENT_STRATEGIES)}")
     if w.mode not in WANDB_MODES:
         fail("wandb.mode", w.mode, f"expected one of {', '.join(WANDB_MODES)}")
+    if not 0 < len(w.project) <= 128 or any(c in w.project for c in WANDB_PROJECT_FORBIDDEN):
+        fail("wandb.project", w.project, f"W&B needs 1 to 128 characters, none of {' '.join(WANDB_PROJECT_FORBIDDEN)}")
+    for name in ("entity", "group"):
+        if getattr(w, name) is not None and not getattr(w, name).strip():
+            fail(f"wandb.{name}", getattr(w, name), "must be a non-empty string, or null")
+    for tag in w.tags:
+        if not 0 < len(tag) <= 64:
+            fail("wandb.tags", tag, "each W&B tag must be 1 to 64 characters")

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
-from .config import Config, ConfigError, apply_override, load_config, validate
+from .config import Config, ConfigError, apply_override, check_name, load_config, validate
 from .data import DataError, validate_data
 from .driver import RunFailed, local_data_dir, local_misfit, run
 from .errors import UserError
@@ -70,7 +70,9 @@ def resolve_config(args: argparse.Namespace) -> Config:
             cfg.train.stop_at = None  # it stopped there on purpose; resuming means going on
         cfg.resume_from = str(resume_checkpoint)
     stem = Path(args.config).stem if args.config else "default"
-    cfg.ray.name = cfg.ray.name or f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if not cfg.ray.name:
+        cfg.ray.name = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        check_name(cfg.ray.name, "ray.name", f"{args.config} (no ray.name or --name: the file name is used)")
     # Workers run in other directories (and other machines): hand them absolute paths.
     if not is_uri(cfg.data.dir):
         cfg.data.dir = str(Path(cfg.data.dir).expanduser().resolve())
