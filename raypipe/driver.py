@@ -28,6 +28,7 @@ from .data import unigram_entropy, validate_data
 from .errors import UserError
 from .loop import NonFiniteError, WorkerEnv, train
 from .staging import node_cache_dir, stage_data, staging_enabled
+from .tracking import resolve_mode
 
 
 class RunFailed(RuntimeError):
@@ -54,6 +55,14 @@ def prepare_data(cfg: Config) -> dict:
     if cfg.resume_from:
         check_compatible(cfg.resume_from, cfg, meta, cfg.ray.num_workers)
     return meta
+
+
+def check_wandb_login(cfg: Config) -> None:
+    """wandb.mode online needs credentials; on one machine their absence is known before Ray starts
+    (on a cluster they live on the worker nodes, which the driver cannot see)."""
+    if cfg.wandb.mode == "online" and not os.environ.get("RAY_ADDRESS") and resolve_mode("auto") != "online":
+        raise ConfigError("wandb.mode: 'online', but this machine has no W&B credentials (WANDB_API_KEY or "
+                          "`wandb login`): log in, or set wandb.mode: auto (offline without credentials) or offline")
 
 
 def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
@@ -181,6 +190,7 @@ def write_outputs(result, cfg: Config, summary: dict) -> None:
 def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
     wall_start = time.perf_counter()
+    check_wandb_login(cfg)
     meta = prepare_data(cfg)
     init_ray(cfg)
     local_storage = "://" not in cfg.ray.storage_path

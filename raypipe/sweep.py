@@ -353,8 +353,9 @@ def tune_config(spec: SweepSpec):
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     from ray import tune
 
-    from .driver import init_ray, prepare_data
+    from .driver import check_wandb_login, init_ray, prepare_data
 
+    check_wandb_login(spec.base)
     prepare_data(spec.base)  # once, before any trial: every trial reads the same data
     init_ray(spec.base)
     trainable = make_trainable(spec)

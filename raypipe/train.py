@@ -18,7 +18,7 @@ import torch
 from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
 from .config import Config, ConfigError, apply_override, check_name, load_config, validate
 from .data import DataError, validate_data
-from .driver import RunFailed, local_data_dir, local_misfit, run
+from .driver import RunFailed, check_wandb_login, local_data_dir, local_misfit, run
 from .errors import UserError
 from .model import GemmaLM
 from .staging import is_uri, read_remote_meta
@@ -120,6 +120,7 @@ def dry_run(cfg: Config) -> None:
             data_note = f"data: {cfg.data.dir} not found: prepare it before training"
         else:
             raise
+    check_wandb_login(cfg)
     if cfg.resume_from:  # as the run does before Ray starts
         meta_here = validate_data(local_data_dir(cfg), t.block_size, cfg.model.vocab_size)
         check_compatible(cfg.resume_from, cfg, meta_here, cfg.ray.num_workers)

@@ -244,3 +244,15 @@ def test_ranks_agree_on_a_non_finite_step(tmp_path):
 def test_the_recipe_goes_on_after_a_lost_worker():
     cfg = load_config(ROOT / "configs" / "gemma3-270m.yaml")
     assert cfg.ray.max_failures >= 1
+
+
+def test_wandb_online_without_credentials_is_refused_before_ray(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "RAY_ADDRESS")}
+    env["HOME"] = str(tmp_path)  # no ~/.netrc
+    for args in (["--dry-run"], []):
+        proc = subprocess.run([sys.executable, "-m", "raypipe.train", "--set", "wandb.mode=online",
+                               "--storage-path", str(tmp_path / "runs"), *args],
+                              capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith("error: wandb.mode: 'online', but this machine has no W&B credentials")
+        assert "Started a local Ray instance" not in proc.stdout + proc.stderr
