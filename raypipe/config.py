@@ -9,8 +9,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import inspect
+import io
 import math
 import re
+import sys
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -34,8 +38,8 @@ class DataConfig:
     source: str = "embedded"
     num_stories: int = 12000  # embedded corpus size (about 4 MB of text)
     tokenizer_vocab: int = 512  # byte-level BPE trained on the embedded corpus
-    val_fraction: float = 0.05
-    seed: int = 1234
+    val_fraction: float = 0.05  # share of the embedded stories that go to val
+    seed: int = 1234  # the embedded corpus generator's and split's seed
     # Node-local directory where each node keeps a verified copy of `dir` (raypipe/staging.py).
     # None: read `dir` in place (one machine), or <tmp>/raypipe-data when `dir` is a URI.
     # A node's $RAYPIPE_DATA_CACHE overrides it there.
@@ -47,20 +51,20 @@ class ModelConfig:
     """Gemma 3 style decoder. Defaults: a tiny model that trains on 2 CPU cores in minutes."""
 
     vocab_size: Optional[int] = None  # None: taken from the data's meta.json
-    n_layer: int = 6
-    n_embd: int = 128
-    n_head: int = 4
-    n_kv_head: int = 1
-    head_dim: int = 32
-    mlp_hidden: int = 512
-    sliding_window: int = 64
+    n_layer: int = 6  # transformer blocks
+    n_embd: int = 128  # model width (residual stream)
+    n_head: int = 4  # query heads
+    n_kv_head: int = 1  # key/value heads (grouped-query attention); divides n_head
+    head_dim: int = 32  # width of each attention head (even: rotary pairs)
+    mlp_hidden: int = 512  # width of the gated tanh-GELU MLP
+    sliding_window: int = 64  # tokens a sliding-window layer attends to
     global_every: int = 6  # every 6th layer attends globally: 5 sliding : 1 global
-    rope_local_base: float = 10_000.0
-    rope_global_base: float = 1_000_000.0
+    rope_local_base: float = 10_000.0  # RoPE base of sliding-window layers
+    rope_global_base: float = 1_000_000.0  # RoPE base of global layers
     query_pre_attn_scalar: Optional[int] = None  # None: head_dim (Gemma 3 270M uses 256 = head_dim)
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = False  # share the output head with the input embedding
+    init_std: float = 0.02  # standard deviation of the initial weights
     # Compute only: the output matmul runs on a vocabulary padded to this multiple (aligned GPU
     # kernels); the padded logits get -inf and are never seen. Weights keep vocab_size rows. 0: off.
     vocab_pad_multiple: int = 128
@@ -70,16 +74,16 @@ class ModelConfig:
 class TrainConfig:
     """All step counts are optimizer steps (one step = grad_accum_steps micro-batches per worker)."""
 
-    block_size: int = 128
+    block_size: int = 128  # tokens per training sequence (context length)
     batch_size: int = 16  # micro-batch, sequences per worker
-    grad_accum_steps: int = 2
-    max_steps: int = 250
-    warmup_steps: int = 20
+    grad_accum_steps: int = 2  # micro-batches per optimizer step on each worker
+    max_steps: int = 250  # length of the run and of its lr schedule
+    warmup_steps: int = 20  # linear warmup from 0 to learning_rate
     learning_rate: float = 3e-3  # peak, reached at the end of warmup (warmup starts at 0)
     min_lr: float = 3e-4  # cosine decays to this at max_steps; must not exceed learning_rate
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
+    weight_decay: float = 0.1  # AdamW weight decay (matrices and embeddings only)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
     eval_interval: int = 50  # optimizer steps between evaluations
     checkpoint_interval: Optional[int] = None  # steps between checkpoints, a multiple of eval_interval; None: every eval
@@ -89,33 +93,37 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
     sample_prompt: str = "Once upon a time"  # continued at every eval (logs, W&B table)
     sample_tokens: int = 48  # 0: no samples
-    num_samples: int = 2
+    num_samples: int = 2  # samples per evaluation
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)
     compile: bool = False  # torch.compile the model (GPU configs turn it on; slow to start on CPU)
     prefetch: bool = True  # CUDA: copy the next batch on a side stream while the current one computes
-    seed: int = 1337
+    seed: int = 1337  # the random seed: initial weights and each rank's batch draws
+
+    def tokens_per_step(self, world_size: int) -> int:
+        """Tokens in one optimizer step over all workers."""
+        return self.batch_size * self.block_size * self.grad_accum_steps * world_size
 
 
 @dataclass
 class RayConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 2
+    num_workers: int = 1  # Ray Train workers (data-parallel ranks)
+    use_gpu: bool = False  # one GPU (or gpus_per_worker) per worker
+    cpus_per_worker: float = 2  # CPUs Ray reserves for each worker
     gpus_per_worker: float = 1  # only with use_gpu
     storage_path: str = "runs"  # local path, shared filesystem or URI (s3://, gs://)
     name: Optional[str] = None  # None: "<config name>-<timestamp>"
     checkpoints_to_keep: int = 2  # best by val_loss
-    max_failures: int = 0
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one worker per node)
 
 
 @dataclass
 class WandbConfig:
     mode: str = "auto"  # auto (online with credentials, else offline) | online | offline | disabled
-    project: str = "raypipe"
-    entity: Optional[str] = None
-    group: Optional[str] = None
-    tags: list[str] = field(default_factory=list)
+    project: str = "raypipe"  # W&B project
+    entity: Optional[str] = None  # W&B entity (team or user); None: your default
+    group: Optional[str] = None  # W&B group (a sweep sets its name)
+    tags: list[str] = field(default_factory=list)  # W&B tags
 
 
 @dataclass
@@ -273,6 +281,41 @@ def _merge(obj: Any, raw: dict, origin: str, prefix: str) -> None:
             _merge(current, value if value is not None else {}, origin, f"{dotted}.")
         else:
             setattr(obj, key, _coerce(value, hints[key], dotted, origin))
+
+
+@functools.cache
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's one-line help: its trailing comment, else the comment lines just above it. The
+    comments in the dataclasses above are the documentation; `--print-config` prints them."""
+    lines = inspect.getsource(cls).splitlines()
+    comments = {tok.start[0]: (tok.string.lstrip("#").strip(), tok.line.strip().startswith("#"))
+                for tok in tokenize.generate_tokens(io.StringIO("\n".join(lines) + "\n").readline)
+                if tok.type == tokenize.COMMENT}
+    names, helps, above = {f.name for f in dataclasses.fields(cls)}, {}, []
+    for number, line in enumerate(lines, start=1):
+        text, whole_line = comments.get(number, (None, False))
+        if whole_line:
+            above.append(text)
+            continue
+        match = re.match(r"\s+(\w+)\s*:", line)
+        if match and match.group(1) in names:
+            helps[match.group(1)] = text or " ".join(above)
+        above = []
+    return helps
+
+
+def print_config(cfg: Config, out=None) -> None:
+    """The config as YAML, every key with its one-line help: a valid config file, e.g. to start from."""
+    out = out or sys.stdout
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue  # resume_from: set by --resume, not written in config files
+        print(f"{section.name}:", file=out)
+        helps = field_help(type(value))
+        for f in dataclasses.fields(value):
+            text = yaml.safe_dump({f.name: getattr(value, f.name)}, default_flow_style=True, width=1000).strip()
+            print(f"  {text[1:-1]}  # {helps[f.name]}", file=out)
 
 
 def suggest_key(dotted: str) -> str:

@@ -179,7 +179,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 
     train_batches = sampler("train", "batches")
     eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
-    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps * env.world_size
+    tokens_per_step = t.tokens_per_step(env.world_size)
 
     # Run state: all of it goes into every checkpoint, and comes back from one.
     run = {"step": 0, "history": [], "step_losses": [], "skipped_steps": 0, "restarts": 0, "wandb_run_id": None,

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
-from .config import Config, ConfigError, apply_override, check_name, load_config, validate
+from .config import Config, ConfigError, apply_override, check_name, load_config, print_config, validate
 from .data import DataError, validate_data
 from .driver import RunFailed, check_wandb_login, local_data_dir, local_misfit, run
 from .errors import UserError
@@ -37,6 +37,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "unless --config; --set still applies)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate, build the model, print its size and token budget, and exit")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the config (after --config and --set) as YAML, every key with its help, and exit")
     return p.parse_args(argv)
 
 
@@ -126,7 +128,7 @@ def dry_run(cfg: Config) -> None:
         check_compatible(cfg.resume_from, cfg, meta_here, cfg.ray.num_workers)
     with torch.device("meta"):  # shapes only: no memory, no init time, even for the 270M recipe
         model = GemmaLM(cfg.model)
-    per_step = t.batch_size * t.block_size * t.grad_accum_steps * cfg.ray.num_workers
+    per_step = t.tokens_per_step(cfg.ray.num_workers)
     head = "tied to the embedding" if cfg.model.tie_embeddings else "untied (its own matrix)"
     print(f"config ok: {cfg.ray.name}\n"
           f"outputs: {cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}\n"
@@ -148,6 +150,9 @@ def resource_note(cfg: Config) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     try:
+        if args.print_config:
+            print_config(load_config(args.config, args.overrides))
+            return 0
         cfg = resolve_config(args)
         if args.dry_run:
             dry_run(cfg)

@@ -1,8 +1,9 @@
+import re
 from pathlib import Path
 
 import pytest
 
-from raypipe.config import Config, ConfigError, load_config
+from raypipe.config import Config, ConfigError, all_keys, load_config
 from raypipe.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +86,30 @@ def test_cluster_keys_are_checked():
     assert load_config(None, ["data.dir=s3://b/d", "data.source=prepared"]).data.dir == "s3://b/d"
     with pytest.raises(ConfigError, match=r"'ray.placement_strategy' = 'SPREADX': expected one of PACK"):
         load_config(None, ["ray.placement_strategy=SPREADX"])
+
+
+def test_print_config_is_the_defaults_with_help_and_matches_default_yaml(capsys):
+    assert main(["--print-config"]) == 0
+    text = capsys.readouterr().out
+    assert load_config_text(text) == Config().to_dict() == load_config(ROOT / "configs" / "default.yaml").to_dict()
+    for line in text.splitlines():  # every key carries its one-line help
+        if line.startswith("  "):
+            assert re.fullmatch(r"  \w+: .+  # \S.*", line), line
+    keys = [line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ")]
+    assert len(keys) == len(all_keys()) - 1  # every key but resume_from (set by --resume, not in files)
+
+
+def test_print_config_shows_the_file_and_set_values(capsys):
+    assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", "train.max_steps=70",
+                 "--print-config"]) == 0
+    cfg = load_config_text(capsys.readouterr().out)
+    assert cfg["train"]["max_steps"] == 70 and cfg["model"]["n_layer"] == 18
+
+
+def load_config_text(text: str) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config(f.name).to_dict()
