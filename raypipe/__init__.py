@@ -5,7 +5,7 @@ __all__ = ["get_batch", "estimate_loss"]
 
 
 def __getattr__(name: str):
-    # The seed's names, imported on first use: `python -m raypipe.prepare` need not pay for torch.
+    # The reference script's names, imported on first use: `python -m raypipe.prepare` need not pay for torch.
     if name == "get_batch":
         from .data import get_batch
 

@@ -156,7 +156,7 @@ class Block(nn.Module):
 
 
 class GemmaLM(nn.Module):
-    """forward(idx, targets=None) -> (logits, loss), as nanoGPT's GPT and the seed expect."""
+    """forward(idx, targets=None) -> (logits, loss), as nanoGPT's GPT and the reference script expect."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

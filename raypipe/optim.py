@@ -1,4 +1,4 @@
-"""AdamW and the learning-rate schedule, both in optimizer steps (the seed stepped per micro-batch)."""
+"""AdamW and the learning-rate schedule, both in optimizer steps (the reference script stepped per micro-batch)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     """Rate for optimizer step `step` (1-based; `step` = 0 is the start of training).
 
     Linear warmup from 0 at step 0 to `learning_rate` at `warmup_steps`, then cosine decay to
-    `min_lr` at `max_steps`. (The seed's LinearLR started at 1/3 of the rate, not 0.)
+    `min_lr` at `max_steps`. (The reference script's LinearLR started at 1/3 of the rate, not 0.)
     """
     if step < cfg.warmup_steps:
         return cfg.learning_rate * step / cfg.warmup_steps
