@@ -356,7 +356,7 @@ def _coerce(value: Any, hint: Any, key: str, origin: str) -> Any:
 
 # --- semantic checks --------------------------------------------------------------------------------
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+AUTOCAST_DTYPES = ("auto", "float32", "bfloat16", "float16")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -459,8 +459,8 @@ def validate(cfg: Config, origin: str = "config") -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
-    if t.dtype not in DTYPES:
-        fail("train.dtype", t.dtype, f"expected one of {', '.join(DTYPES)}")
+    if t.dtype not in AUTOCAST_DTYPES:
+        fail("train.dtype", t.dtype, f"expected one of {', '.join(AUTOCAST_DTYPES)}")
     if t.sample_tokens and t.num_samples < 1:
         fail("train.num_samples", t.num_samples, "must be at least 1 while train.sample_tokens > 0 "
              "(set train.sample_tokens: 0 for no samples)")

@@ -42,7 +42,7 @@ def local_data_dir(cfg: Config) -> str:
     return cfg.data.dir
 
 
-def prepare_data(cfg: Config) -> dict:
+def check_data(cfg: Config) -> dict:
     """Make sure the data exists and fits the run; fill model.vocab_size from it when unset.
     A checkpoint to resume from must fit the model and the data: checked here, before Ray starts.
     Data from a URI or with data.cache_dir is staged on the driver's node first: a bad copy or
@@ -96,8 +96,8 @@ def _train_worker(loop_config: dict) -> dict:
     import ray.train.torch
 
     cfg = Config.from_dict(loop_config["config"])
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
     # After a worker failure (or when a run directory is resumed) Ray hands back the run's latest
     # checkpoint; --resume may also have named one, verified by the driver. The newest complete one
     # wins; a damaged pick of Ray's is passed over for the latest complete checkpoint beside it.
@@ -113,7 +113,7 @@ def _train_worker(loop_config: dict) -> dict:
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=checkpoint_dir.name if checkpoint_dir else None)
 
-    env = WorkerEnv(rank=rank, world_size=ctx.get_world_size(),
+    env = WorkerEnv(rank=rank, world_size=context.get_world_size(),
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
                     out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
                     data_dir=local_data_dir(cfg))  # this node's verified copy when staging is on
@@ -191,7 +191,7 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
     wall_start = time.perf_counter()
     check_wandb_login(cfg)
-    meta = prepare_data(cfg)
+    meta = check_data(cfg)
     init_ray(cfg)
     local_storage = "://" not in cfg.ray.storage_path
     run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"

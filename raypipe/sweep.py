@@ -353,10 +353,10 @@ def tune_config(spec: SweepSpec):
 def run_sweep(spec: SweepSpec, resume: bool = False) -> list[dict]:
     from ray import tune
 
-    from .driver import check_wandb_login, init_ray, prepare_data
+    from .driver import check_wandb_login, init_ray, check_data
 
     check_wandb_login(spec.base)
-    prepare_data(spec.base)  # once, before any trial: every trial reads the same data
+    check_data(spec.base)  # once, before any trial: every trial reads the same data
     init_ray(spec.base)
     trainable = make_trainable(spec)
     if resume:
