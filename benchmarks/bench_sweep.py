@@ -13,7 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from raypipe.sweep import load_sweep, run_sweep
+from raypipe.sweep import run_sweep
+from raypipe.sweepspec import load_sweep
 
 
 def main() -> None:

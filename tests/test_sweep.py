@@ -15,7 +15,8 @@ import yaml
 from conftest import tiny_config
 from raypipe.checkpoint import latest_checkpoint, load_state
 from raypipe.config import ConfigError, load_config
-from raypipe.sweep import load_sweep, main
+from raypipe.sweep import main
+from raypipe.sweepspec import load_sweep
 from wandb_offline import offline_runs, read_group
 
 ROOT = Path(__file__).resolve().parents[1]

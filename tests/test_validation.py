@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from raypipe import sweep, train
+from raypipe import sweep, sweepspec, train
 from raypipe.config import Config, ConfigError, all_keys, key_types, load_config
 from raypipe.data import split_seed
 from raypipe.model import GemmaLM
@@ -355,7 +355,7 @@ def test_bad_sweep_files(tmp_path, capsys, ray_module, case):
     change, fragments = SWEEP_CASES[case]
     path = write_sweep(tmp_path, change)
     with pytest.raises(ConfigError) as e:
-        sweep.load_sweep(path)
+        sweepspec.load_sweep(path)
     refused(e, str(path), *fragments)
     assert "--set" not in str(e.value)  # the user wrote a sweep file, not a flag
     assert sweep.main([str(path)]) == 2
@@ -369,23 +369,23 @@ def test_a_sweep_file_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "sweep.yaml"
     path.write_text("- search\n- tie\n")
     with pytest.raises(ConfigError, match=r"expected a mapping \(name, base, search, ...\), got list"):
-        sweep.load_sweep(path)
+        sweepspec.load_sweep(path)
 
 
 def test_a_sweep_key_written_twice(tmp_path):
     path = write_sweep(tmp_path, {})
     path.write_text(path.read_text() + "search:\n  train.grad_clip: {choice: [0.5]}\n")
     with pytest.raises(ConfigError) as e:
-        sweep.load_sweep(path)
+        sweepspec.load_sweep(path)
     refused(e, str(path), "found the key 'search' twice")
 
 
 def test_unsafe_file_name_as_sweep_name(tmp_path):
     path = write_sweep(tmp_path, {"name": DROP}, filename="my sweep.yaml")
     with pytest.raises(ConfigError) as e:
-        sweep.load_sweep(path)
+        sweepspec.load_sweep(path)
     refused(e, str(path), "no name: set, so the file name is used", "'name' = 'my sweep'")
-    assert sweep.load_sweep(write_sweep(tmp_path, {"name": DROP}, filename="lr-2.yaml")).name == "lr-2"
+    assert sweepspec.load_sweep(write_sweep(tmp_path, {"name": DROP}, filename="lr-2.yaml")).name == "lr-2"
 
 
 def test_optuna_missing_is_found_before_ray(tmp_path):
@@ -395,7 +395,7 @@ def test_optuna_missing_is_found_before_ray(tmp_path):
     if importlib.util.find_spec("optuna") is not None:
         pytest.skip("optuna is installed here")
     with pytest.raises(ConfigError, match=r"search_alg optuna needs `pip install optuna`"):
-        sweep.load_sweep(write_sweep(tmp_path, {"search_alg": "optuna"}))
+        sweepspec.load_sweep(write_sweep(tmp_path, {"search_alg": "optuna"}))
 
 
 @pytest.mark.parametrize("change", [
@@ -409,7 +409,7 @@ def test_optuna_missing_is_found_before_ray(tmp_path):
      "max_concurrent_trials": None, "scheduler": None, "name": "x@y+z=1"},
 ], ids=["good", "uniform-and-choice", "pairs-that-fit", "int-tie", "nulls"])
 def test_good_sweep_files_load(tmp_path, change):
-    spec = sweep.load_sweep(write_sweep(tmp_path, change))
+    spec = sweepspec.load_sweep(write_sweep(tmp_path, change))
     assert spec.search == {**GOOD, **change}["search"]
 
 
