@@ -193,7 +193,8 @@ def test_corrupted_file_is_refused(checkpoint_dir, tmp_path):
     data = bytearray((d / "optimizer.pt").read_bytes())
     data[10:60] = b"\xff" * 50
     (d / "optimizer.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"optimizer.pt: sha256 \w+\.\.\., but manifest.json says \w+\.\.\.: the file was altered"):
+    altered = r"optimizer.pt: sha256 \w+\.\.\., but manifest.json says \w+\.\.\.: the file was altered"
+    with pytest.raises(CheckpointError, match=altered):
         load_for_resume(d, rank=0)
     rewrite_manifest(d)  # even with a manifest that agrees, the file itself does not parse
     with pytest.raises(CheckpointError, match="optimizer.pt: refused, not a plain tensor file"):
