@@ -1,12 +1,28 @@
+"""Fixtures shared by the whole suite (one embedded corpus, one local Ray) and the markers they imply:
+a test that takes `ray_cluster` is marked `ray`, a test in tests/test_cluster_*.py `cluster`; both are
+also `slow`, so `python -m pytest -m "not slow"` is the fast loop. Plain helpers live in helpers.py."""
+
 import os
 from pathlib import Path
 
 import pytest
 
+from helpers import tiny_config  # noqa: F401  (TEMPORARY: files still importing it from conftest)
 from raypipe.config import Config
 from raypipe.corpus import prepare_embedded
 
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        implied = []
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            implied.append("ray")
+        if Path(str(item.fspath)).name.startswith("test_cluster_"):
+            implied.append("cluster")
+        for name in implied + (["slow"] if implied else []):
+            item.add_marker(name)
 
 
 @pytest.fixture(scope="session")
@@ -16,23 +32,6 @@ def embedded_data(tmp_path_factory) -> Path:
     cfg.dir, cfg.num_stories = str(tmp_path_factory.mktemp("data") / "embedded"), 3000
     prepare_embedded(cfg, log=lambda _: None)
     return Path(cfg.dir)
-
-
-def tiny_config(data_dir: Path, storage: Path, **train) -> Config:
-    """A model and run small enough for a few seconds of CPU per test."""
-    cfg = Config()
-    cfg.data.dir, cfg.data.num_stories = str(data_dir), 3000
-    m = cfg.model
-    m.n_layer, m.global_every, m.n_embd, m.n_head, m.n_kv_head, m.head_dim = 2, 2, 64, 2, 1, 16
-    m.mlp_hidden, m.sliding_window = 128, 16
-    t = cfg.train
-    t.block_size, t.batch_size, t.grad_accum_steps = 32, 8, 2
-    t.max_steps, t.warmup_steps, t.eval_interval, t.eval_batches, t.learning_rate, t.min_lr = 30, 3, 10, 4, 3e-3, 3e-4
-    for k, v in train.items():
-        setattr(t, k, v)
-    cfg.ray.storage_path, cfg.ray.cpus_per_worker = str(storage), 1
-    cfg.wandb.mode = "offline"
-    return cfg
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ import json
 
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.bench import main
 
 

@@ -98,6 +98,7 @@ def test_embedded_corpus_is_reused_and_beatable(embedded_data):
         prepare_embedded(DataConfig(dir=str(embedded_data), num_stories=10))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_prefetcher_same_batches_and_resume_position(tmp_path):
     data = make_data(tmp_path)

@@ -23,7 +23,7 @@ from raypipe.model import GemmaLM
 from raypipe.prepare import prepare
 from raypipe.sampling import generate, sample_next
 
-from conftest import tiny_config
+from helpers import tiny_config
 
 
 def train_checkpoint(data_dir: Path, root: Path) -> Path:

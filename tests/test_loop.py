@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.checkpoint import load_model, load_state
 from raypipe.data import BatchSampler
 from raypipe.loop import WorkerEnv, clip_gradients, estimate_loss, forward_backward, train

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.checkpoint import (CheckpointError, check_compatible, file_digest, latest_checkpoint, load_for_resume,
                                 load_model, load_state, verify)
 from raypipe.data import read_meta

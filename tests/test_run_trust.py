@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.checkpoint import file_digest, latest_checkpoint, load_state
 from raypipe.config import load_config
 from raypipe.loop import forward_backward

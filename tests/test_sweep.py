@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.checkpoint import latest_checkpoint, load_state
 from raypipe.config import ConfigError, load_config
 from raypipe.sweep import main

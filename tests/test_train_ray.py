@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_config
+from helpers import tiny_config
 from raypipe.checkpoint import load_model, read_config
 from raypipe.data import BatchSampler
 from raypipe.loop import estimate_loss
