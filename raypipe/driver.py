@@ -88,7 +88,7 @@ def train_func(loop_config: dict) -> dict:
     try:
         return _train_worker(loop_config)
     except (UserError, NonFiniteError) as e:  # a known failure: its message says it all, no traceback needed
-        raise e.with_traceback(None)
+        raise e.with_traceback(None) from None
 
 
 def _train_worker(loop_config: dict) -> dict:
