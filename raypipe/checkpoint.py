@@ -166,7 +166,8 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
             texts = {"state.json": json.dumps(state, indent=1) + "\n",
                      "config.json": json.dumps(config.to_dict(), indent=1) + "\n"}
             for dest, text in texts.items():
-                files[dest] = _write_digested(tmp / dest, lambda f, data=text.encode(): f.write(data))
+                data = text.encode()
+                files[dest] = _write_digested(tmp / dest, lambda f, data=data: f.write(data))
             for dest, src in (copy_files or {}).items():
                 shutil.copyfile(src, tmp / dest)
                 files[dest] = file_digest(tmp / dest)

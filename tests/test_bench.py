@@ -4,8 +4,9 @@ import json
 
 import yaml
 
-from helpers import tiny_config
 from raypipe.bench import main
+
+from helpers import tiny_config
 
 
 def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
