@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .config import ModelConfig
 
+
 ROPE_POSITIONS = 2048  # rotary tables precomputed for this many positions; longer inputs extend them
 
 

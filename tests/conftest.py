@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_config  # noqa: F401  (TEMPORARY: files still importing it from conftest)
 from raypipe.config import Config
 from raypipe.corpus import prepare_embedded
-
-from helpers import tiny_config  # noqa: F401  (TEMPORARY: files still importing it from conftest)
 
 os.environ.setdefault("WANDB_SILENT", "true")
 

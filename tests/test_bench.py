@@ -4,9 +4,8 @@ import json
 
 import yaml
 
-from raypipe.bench import main
-
 from helpers import tiny_config
+from raypipe.bench import main
 
 
 def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):

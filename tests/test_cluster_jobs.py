@@ -21,10 +21,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import tiny_config
 
 from raypipe.checkpoint import load_model, read_config
-
-from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -7,11 +7,10 @@ import torch
 
 from raypipe.checkpoint import load_model
 from raypipe.config import Config, ModelConfig
-from raypipe.generate import load_tokenizer
-from raypipe.generate import main as generate_main
+from raypipe.generate import load_tokenizer, main as generate_main
+from raypipe.sampling import generate
 from raypipe.loop import WorkerEnv, train
 from raypipe.model import GemmaLM
-from raypipe.sampling import generate
 
 
 @pytest.fixture(scope="module")

@@ -1,15 +1,15 @@
-import contextlib
 import copy
 
 import pytest
 import torch
 
+from helpers import tiny_config
 from raypipe.checkpoint import load_model, load_state
 from raypipe.data import BatchSampler
 from raypipe.loop import WorkerEnv, clip_gradients, estimate_loss, forward_backward, train
 from raypipe.model import GemmaLM
 
-from helpers import tiny_config
+import contextlib
 
 
 def tiny_model(cfg):

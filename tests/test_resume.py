@@ -16,21 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from raypipe.checkpoint import (
-    CheckpointError,
-    check_compatible,
-    file_digest,
-    latest_checkpoint,
-    load_for_resume,
-    load_model,
-    load_state,
-    verify,
-)
+from helpers import tiny_config
+from raypipe.checkpoint import (CheckpointError, check_compatible, file_digest, latest_checkpoint, load_for_resume,
+                                load_model, load_state, verify)
 from raypipe.data import read_meta
 from raypipe.loop import NonFiniteError, WorkerEnv, train
 from raypipe.train import main
-
-from helpers import tiny_config
 from wandb_offline import offline_runs
 
 

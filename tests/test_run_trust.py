@@ -15,12 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
+from helpers import tiny_config
 from raypipe.checkpoint import file_digest, latest_checkpoint, load_state
 from raypipe.config import load_config
 from raypipe.loop import forward_backward
 from raypipe.train import main
-
-from helpers import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import tiny_config
 from raypipe.checkpoint import latest_checkpoint, load_state
 from raypipe.config import ConfigError, load_config
 from raypipe.sweep import main
 from raypipe.sweepspec import load_sweep
-
-from helpers import tiny_config
 from wandb_offline import offline_runs, read_group
 
 ROOT = Path(__file__).resolve().parents[1]

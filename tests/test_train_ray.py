@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers import tiny_config
 from raypipe.checkpoint import load_model, read_config
 from raypipe.data import BatchSampler
 from raypipe.loop import estimate_loss
 from raypipe.model import GemmaLM
 from raypipe.train import main
-
-from helpers import tiny_config
-from wandb_offline import offline_runs, read_history
-from wandb_offline import read_config as wandb_config
+from wandb_offline import offline_runs, read_config as wandb_config, read_history
 
 METRICS = ("train_loss", "val_loss", "learning_rate", "grad_norm")
 
