@@ -7,3 +7,7 @@ a bug and keeps its traceback. Messages name the file, key or value and what is 
 
 class UserError(ValueError):
     """Bad input: the message says what is wrong and what would be right."""
+
+
+class ConfigError(UserError):
+    """A configuration value or file is wrong; the message says which and what is expected."""

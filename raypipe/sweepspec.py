@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import Config, ConfigError, check_name, key_types, load_config, parse_yaml, set_value, suggest_key, validate
+from .config import Config, ConfigError, key_types, load_config, parse_yaml, set_value, suggest_key
+from .validation import check_name, validate
 
 SWEEP_KEYS = ("name", "base", "set", "search", "tie", "num_samples", "search_alg", "seed", "scheduler", "metric",
               "mode", "resources", "max_concurrent_trials", "storage_path")

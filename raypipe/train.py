@@ -16,12 +16,13 @@ from typing import Optional
 import torch
 
 from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
-from .config import Config, ConfigError, apply_override, check_name, load_config, print_config, validate
+from .config import Config, ConfigError, apply_override, load_config, print_config
 from .data import DataError, validate_data
 from .driver import RunFailed, check_wandb_login, local_data_dir, local_misfit, run
 from .errors import UserError
 from .model import GemmaLM
 from .staging import is_uri, read_remote_meta
+from .validation import check_name, validate
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
