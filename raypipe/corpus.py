@@ -7,7 +7,6 @@ names and objects introduced early come back later in the story.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Iterator
@@ -15,7 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from .config import DataConfig
-from .data import DataError, dtype_for_vocab, write_dataset
+from .data import DataError, dtype_for_vocab, read_meta, write_dataset
 from .tokenizer import EOT, train_bpe
 
 NAMES = ["Lily", "Ben", "Tom", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy", "Jack", "Zoe",
@@ -90,7 +89,7 @@ def prepare_embedded(cfg: DataConfig, log=print) -> dict:
     source = embedded_source(cfg)
     meta_path = out / "meta.json"
     if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
+        meta = read_meta(out)
         if meta.get("source") != source:
             raise DataError(f"{out} holds data built from {meta.get('source')}, not from the configured "
                             f"{source}; point data.dir elsewhere or remove {out}")
@@ -105,7 +104,7 @@ def prepare_embedded(cfg: DataConfig, log=print) -> dict:
             "documents": {"train": len(train_docs), "val": len(val_docs)},
             "tokenizer": {"kind": "bpe", "file": "tokenizer.json", "vocab_size": vocab}}
     meta = write_dataset(out, {"train": _encode(tok, train_docs, eot_id), "val": _encode(tok, val_docs, eot_id)},
-                         meta, extra_files={"tokenizer.json": tok.to_str()})
+                         meta, extra_files={"tokenizer.json": tok.to_str()}, log=log)
     log(f"[raypipe] embedded corpus: {cfg.num_stories} stories, vocab {vocab}, "
         f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens -> {out}")
     return meta

@@ -20,10 +20,12 @@ import numpy as np
 import torch
 
 # The layout and the writer are in datafiles.py, without torch, for prepare; still importable from here.
-from .datafiles import DTYPES, SPLITS, DataError, DatasetWriter, dtype_for_vocab, write_dataset  # noqa: F401
+from .datafiles import (DTYPES, SPLITS, DataError, DatasetWriter, check_meta, dtype_for_vocab,  # noqa: F401
+                        parse_meta, write_dataset)
 
 
 def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a data directory, checked field by field (datafiles.check_meta) before anything uses it."""
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
     if not data_dir.is_dir():
@@ -32,18 +34,13 @@ def read_meta(data_dir: str | Path) -> dict:
     if not meta_path.is_file():
         raise DataError(f"{meta_path} is missing: a data directory needs train.bin, val.bin and meta.json")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{meta_path}: not valid JSON ({e})") from None
-    for key in ("vocab_size", "dtype", "tokens"):
-        if key not in meta:
-            raise DataError(f"{meta_path}: missing key '{key}'")
-    if meta["dtype"] not in DTYPES:
-        raise DataError(f"{meta_path}: dtype {meta['dtype']!r} is not one of {', '.join(DTYPES)}")
-    return meta
+        raw = meta_path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{meta_path}: cannot be read ({e})") from None
+    return parse_meta(raw, str(meta_path))
 
 
-VERIFIED = ".verified.json"  # sidecar: which .bin files (by size and mtime) were already read in full
+VERIFIED = ".verified.json"  # sidecar: which .bin files (by stat, ctime included) were already read in full
 
 
 def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[int] = None,
@@ -54,9 +51,9 @@ def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[in
     read once in full: its sha256 against meta.json and its largest token id against the vocabulary
     (an id past the embedding is a device-side assert on GPU, far from its cause). That read runs at
     about 1 GB/s, seconds for a multi-GB corpus, so its result is kept in `.verified.json` next to
-    the data, keyed by each file's size, mtime and inode: later runs only `stat` the files, and a
-    file that changes in any of those is read again. A read-only data directory is verified at every
-    start instead.
+    the data, keyed by each file's device, inode, size, mtime and ctime: later runs only `stat` the
+    files. Any write to a file moves its ctime, which (unlike mtime) no user can set back, so a changed
+    file is always read again. A read-only data directory is verified at every start instead.
     """
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
@@ -73,8 +70,8 @@ def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[in
             raise DataError(f"{path}: {size} bytes is not a multiple of {itemsize} "
                             f"(meta.json says dtype {meta['dtype']}); the file is truncated or of another dtype")
         n = size // itemsize
-        expected = meta["tokens"].get(split)
-        if expected is not None and n != expected:
+        expected = meta["tokens"][split]
+        if n != expected:
             other = [d for d, t in DTYPES.items() if d != meta["dtype"] and expected * np.dtype(t).itemsize == size]
             hint = f"; its size fits {other[0]}, not meta.json's dtype {meta['dtype']}" if other else ""
             raise DataError(f"{path}: holds {n} tokens but meta.json says {expected}{hint}")
@@ -105,6 +102,13 @@ def _scan(path: Path, np_dtype) -> tuple[str, int, int]:
     return digest.hexdigest(), top, where
 
 
+def _stat_key(st: os.stat_result) -> dict:
+    """What identifies a file's contents without reading it. ctime is in it because a write always moves
+    it and nothing but the clock sets it (os.utime can restore mtime, not ctime)."""
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns,
+            "inode": st.st_ino, "device": st.st_dev}
+
+
 def verify_contents(data_dir: str | Path, meta: dict) -> None:
     """Checksums and token-id range of each `.bin` (see validate_data); cached in `.verified.json`."""
     data_dir = Path(data_dir)
@@ -113,18 +117,19 @@ def verify_contents(data_dir: str | Path, meta: dict) -> None:
         cache = json.loads(sidecar.read_text())
     except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}
     fresh = {}
     for split in SPLITS:
         path = data_dir / f"{split}.bin"
-        st = path.stat()
-        expected_sha = meta.get("sha256", {}).get(split)
-        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino,
-               "dtype": meta["dtype"], "sha256": expected_sha}
+        expected_sha = meta["sha256"][split]
+        # Taken before the read: a write during it moves ctime past the key, so the next start reads again.
+        key = {**_stat_key(path.stat()), "dtype": meta["dtype"], "sha256": expected_sha}
         entry = cache.get(split)
-        if not (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key):
+        if not (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key
+                and isinstance(entry.get("max_id"), int) and isinstance(entry.get("max_at"), int)):
             sha, top, where = _scan(path, DTYPES[meta["dtype"]])
-            if expected_sha is not None and sha != expected_sha:
-                raise DataError(f"{path}: sha256 {sha[:16]}... does not match meta.json's {expected_sha[:16]}...; "
+            if sha != expected_sha:
+                raise DataError(f"{path}: sha256 {sha} does not match meta.json's {expected_sha}; "
                                 "the file was changed or belongs to another meta.json (prepare it again)")
             entry = {**key, "max_id": top, "max_at": where}
         if entry["max_id"] >= meta["vocab_size"]:

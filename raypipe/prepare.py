@@ -25,7 +25,10 @@ falls in the first `--val-fraction` of the hash range, so it does not depend on 
 chunking, and duplicates of a document all land on the same side. `--val INPUT...` takes val from
 its own files instead. Output is streamed: each chunk of ~1 MB of input is tokenized by a worker
 and written as soon as it and all chunks before it are done, so memory stays flat however large the
-corpus. The output directory appears at once at the end (written in a temporary sibling, renamed).
+corpus. Documents longer than tokenizer.PIECE_CHARS are encoded in pieces cut at whitespace (no
+end-of-text between them), so one huge line does not take gigabytes in the tokenizer. The output
+directory appears at once at the end (written in a temporary sibling, renamed); the temporary of a
+killed prepare is removed by the next prepare of the same --out.
 """
 
 from __future__ import annotations
@@ -50,10 +53,10 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .datafiles import DTYPES, DataError, DatasetWriter, dtype_for_vocab
+from .datafiles import DTYPES, DataError, DatasetWriter, dtype_for_vocab, remove_stale_temporaries
 from .errors import UserError
 from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths,
-                        file_spec, gpt2_spec, hf_spec, parse_spec, train_bpe)
+                        file_spec, gpt2_spec, hf_spec, parse_spec, split_document, train_bpe)
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 TXT_SPLITS = ("blank", "line", "eot")
@@ -581,7 +584,8 @@ def build_tokenizer(tokenizer: str, train_tasks: list[Task], opts: Options, eot:
     def train_docs() -> Iterator[list[str]]:  # streamed: the trainer keeps word counts, not the text
         for task in train_tasks:
             d = read_documents(task, opts)
-            docs = [t for t, v in zip(d.strings(), val_mask(d, task, opts)) if not v]
+            # Long documents in pieces, as they are encoded: the trainer's memory grows with its longest input.
+            docs = [piece for t, v in zip(d.strings(), val_mask(d, task, opts)) if not v for piece in split_document(t)]
             if docs:
                 yield docs
 
@@ -604,6 +608,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
         raise PrepareError(f"--val-fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
     if out.exists():
         raise PrepareError(f"--out {out} already exists; remove it or choose another directory")
+    remove_stale_temporaries(out, log)  # left by a killed prepare of the same --out: freed before long work
     opts = Options(text_column, txt_split, val_fraction, seed)
     train_paths = expand_inputs(inputs)
     val_paths = expand_inputs(val_inputs, "--val") if val_inputs else []
@@ -626,7 +631,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
     docs = {"train": 0, "val": 0}
     empty = bad = 0
     first_bad = ""
-    with DatasetWriter(out, spec.vocab_size, dtype) as writer:
+    with DatasetWriter(out, spec.vocab_size, dtype, log=log) as writer:
         results = run_ray(tasks, opts, spec, dtype) if use_ray else run_local(tasks, opts, spec, dtype, workers)
         for r in results:
             writer.write("train", r.train)

@@ -9,14 +9,14 @@ file://, or a local/shared path); no Ray here.
 Concurrency: every worker of a node calls this at start-up. A file lock makes one of them copy while
 the others wait; the copy goes to a temporary sibling that is renamed into place only once verified,
 so a crash mid-copy never leaves a complete-looking directory. A later run whose meta.json is
-byte-identical reuses the copy (its checksum check is then a `stat`, see `data.verify_contents`).
+byte-identical reuses the copy (its checksum check is then a `stat`, see `data.verify_contents`; a cached
+file written to since, even with its mtime set back, has another ctime and is read in full again).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from .data import SPLITS, DataError, verify_contents
+from .data import SPLITS, DataError, parse_meta, verify_contents
 
 CACHE_ENV = "RAYPIPE_DATA_CACHE"  # a node's own cache directory (set in its `ray start` environment)
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "raypipe-data"
@@ -61,15 +61,7 @@ def read_remote_meta(location: str) -> tuple[dict, bytes]:
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"data.dir {location}: cannot read meta.json ({e}); a data directory holds "
                         "train.bin, val.bin and meta.json (python -m raypipe.prepare)") from None
-    try:
-        meta = json.loads(raw)
-    except ValueError as e:
-        raise DataError(f"{location}/meta.json: not valid JSON ({e})") from None
-    missing = [s for s in SPLITS if not (meta.get("sha256") or {}).get(s)]
-    if missing or "dtype" not in meta or "vocab_size" not in meta:
-        raise DataError(f"{location}/meta.json has no sha256 for {', '.join(missing) or 'its splits'} "
-                        "(or no dtype / vocab_size): a copy could not be verified; prepare the data again")
-    return meta, raw
+    return parse_meta(raw, f"{location.rstrip('/')}/meta.json"), raw  # every field checked before use
 
 
 def stage_data(location: str, cache_dir: Path) -> Path:
@@ -85,8 +77,9 @@ def stage_data(location: str, cache_dir: Path) -> Path:
         if _usable(final, raw, meta):
             return final
         shutil.rmtree(final, ignore_errors=True)  # a copy that no longer verifies
+        for stale in final.parent.glob(f".{final.name}.tmp-*"):  # under the lock: copies of killed copiers
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
             fs, root = _open(location)

@@ -8,8 +8,8 @@ same encoder; `encode_documents` builds it once per process.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import re
 import tempfile
 import urllib.request
 from dataclasses import dataclass
@@ -206,9 +206,49 @@ def encode_utf8(data: np.ndarray, offsets: np.ndarray, eot_id: int, dtype) -> np
     return out
 
 
+# Long documents are encoded in pieces: a tokenizer's memory grows with its input string (a 30 MB line
+# took over 5 GB in a BPE), so no call gets more than PIECE_CHARS characters, and no batch of calls
+# more than BATCH_CHARS. Cuts are made just before a whitespace character that precedes a non-space,
+# where the GPT-2 pre-tokenizer splits anyway: there the tokens are the same as the whole document's.
+PIECE_CHARS = 1 << 16
+BATCH_CHARS = 1 << 20
+_LAST_CUT = re.compile(r".*\s(?=\S)", re.S)  # greedy: matches up to the last whitespace before a non-space
+
+
+def split_document(doc: str, limit: int = PIECE_CHARS) -> list[str]:
+    """`doc` in pieces of at most `limit` characters that join back to it. Each cut is before the last
+    whitespace character of a window (before a non-space); a window without one is cut at `limit`."""
+    if len(doc) <= limit:
+        return [doc]
+    pieces, start = [], 0
+    while len(doc) - start > limit:
+        m = _LAST_CUT.match(doc, start + limit // 2, start + limit)  # a cut in the window's second half
+        cut = m.end() - 1 if m else start + limit
+        pieces.append(doc[start:cut])
+        start = cut
+    pieces.append(doc[start:])
+    return pieces
+
+
+_CLEAN_CUTS: dict = {}
+
+
+def _cuts_are_clean(spec: TokenizerSpec) -> bool:
+    """Whether encoding in pieces gives the whole text's tokens for this tokenizer. Not for one that adds
+    something per call (a prefix space, a Metaspace marker): its documents are encoded whole."""
+    key = (spec.kind, spec.vocab_size, spec.eot_id, hash(spec.json))
+    if key not in _CLEAN_CUTS:
+        text = "Once upon a time,  a cat\nsat on 12 mats. The end!"
+        encode = _encoder(spec)
+        pieces = split_document(text, 16)
+        _CLEAN_CUTS[key] = list(chain.from_iterable(encode(pieces))) == encode([text])[0]
+    return _CLEAN_CUTS[key]
+
+
 def encode_with_lengths(spec: TokenizerSpec, docs: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `docs`, each followed by the end-of-text id, as one flat array of `dtype`, and each
-    document's token count (its end-of-text included)."""
+    document's token count (its end-of-text included). Long documents are encoded in pieces (see
+    PIECE_CHARS); no end-of-text goes between the pieces of a document."""
     if not docs:
         return np.zeros(0, dtype), np.zeros(0, np.int64)
     if spec.kind == "byte":
@@ -216,11 +256,37 @@ def encode_with_lengths(spec: TokenizerSpec, docs: list[str], dtype) -> tuple[np
         parts = [d.encode("utf-8", "surrogatepass") for d in docs]
         offsets = np.cumsum([0] + [len(p) for p in parts])
         return encode_utf8(np.frombuffer(b"".join(parts), np.uint8), offsets, spec.eot_id, dtype), np.diff(offsets) + 1
-    ids = _encoder(spec)(docs)
-    lengths = np.fromiter(map(len, ids), np.int64, len(ids)) + 1
-    eot = (spec.eot_id,)
-    flat = np.fromiter(chain.from_iterable(chain.from_iterable((x, eot) for x in ids)), dtype, int(lengths.sum()))
-    return flat, lengths
+    encode, eot = _encoder(spec), (spec.eot_id,)
+    if max(map(len, docs)) <= PIECE_CHARS or not _cuts_are_clean(spec):  # the common case: whole documents
+        pieces, last = docs, None
+    else:
+        split = [split_document(d) for d in docs]
+        pieces = list(chain.from_iterable(split))
+        owner = np.repeat(np.arange(len(docs)), [len(p) for p in split])  # the document of each piece
+        last = np.append(owner[1:] != owner[:-1], True)  # the last piece of a document: end-of-text follows
+    out, counts = [], []
+    for a, b in _batches(pieces):
+        ids = encode(pieces[a:b])
+        counts.append(np.fromiter(map(len, ids), np.int64, len(ids)))
+        ends = [True] * len(ids) if last is None else last[a:b].tolist()
+        tokens = chain.from_iterable(chain.from_iterable((x, eot) if end else (x,) for x, end in zip(ids, ends)))
+        out.append(np.fromiter(tokens, dtype, int(counts[-1].sum()) + sum(ends)))
+    counts = np.concatenate(counts)
+    lengths = counts if last is None else np.bincount(owner, weights=counts, minlength=len(docs)).astype(np.int64)
+    return (out[0] if len(out) == 1 else np.concatenate(out)), lengths + 1
+
+
+def _batches(pieces: list[str]) -> list[tuple[int, int]]:
+    """[a, b) ranges of `pieces` of about BATCH_CHARS characters each: one encode call each."""
+    bounds, size = [0], 0
+    for k, piece in enumerate(pieces):
+        size += len(piece)
+        if size >= BATCH_CHARS:
+            bounds.append(k + 1)
+            size = 0
+    if bounds[-1] < len(pieces):
+        bounds.append(len(pieces))
+    return list(zip(bounds, bounds[1:]))
 
 
 def encode_documents(spec: TokenizerSpec, docs: list[str], dtype) -> np.ndarray:
@@ -235,7 +301,7 @@ class TextTokenizer:
     """encode/decode over whatever the data was tokenized with (meta.json's `tokenizer`)."""
 
     def __init__(self, meta: dict, folder: Path):
-        spec = meta.get("tokenizer", {})
+        spec = meta.get("tokenizer") or {}  # meta checked by datafiles.check_meta
         self.kind, self.eot_id = spec.get("kind"), meta.get("eot_id")
         file = spec.get("file")
         if file and (folder / file).is_file():
@@ -268,4 +334,6 @@ def load_tokenizer(folder: str | Path, meta_name: str = "data_meta.json") -> Tex
     meta_path = folder / meta_name
     if not meta_path.is_file():
         raise TokenizerError(f"{meta_path} is missing: {folder} carries no tokenizer description")
-    return TextTokenizer(json.loads(meta_path.read_text()), folder)
+    from .datafiles import parse_meta  # its fields checked before use: a DataError naming the key
+
+    return TextTokenizer(parse_meta(meta_path.read_bytes(), str(meta_path)), folder)

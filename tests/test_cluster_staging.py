@@ -61,7 +61,7 @@ def test_missing_or_unverifiable_data_is_refused(shared, tmp_path):
     meta = json.loads((shared / "meta.json").read_text())
     del meta["sha256"]
     (shared / "meta.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="no sha256 for train, val"):
+    with pytest.raises(DataError, match=r"stories/meta.json: key 'sha256' is missing; expected an object"):
         stage_data(str(shared), tmp_path / "cache")
 
 
