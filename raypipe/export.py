@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import MANIFEST, load_model, read_config, resolve_checkpoint, verify
+from .datafiles import parse_meta
 from .errors import UserError
 from .model import is_sliding
 
@@ -143,19 +144,9 @@ def put_in_place(tmp: Path, out: Path) -> None:
 
 
 def read_data_meta(checkpoint: Path) -> dict:
+    """The checkpoint's copy of the data's meta.json, checked as the data's own is ({} if it has none)."""
     path = checkpoint / "data_meta.json"
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ExportError(f"{path}: not valid JSON ({e})") from None
-    eot_id = meta.get("eot_id") if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or not isinstance(meta.get("tokenizer", {}), dict) or \
-            not (eot_id is None or (isinstance(eot_id, int) and not isinstance(eot_id, bool) and eot_id >= 0)):
-        raise ExportError(f"{path}: expected the data's meta.json (an object with an integer eot_id >= 0 "
-                          "and a tokenizer object)")
-    return meta
+    return parse_meta(path.read_bytes(), str(path)) if path.is_file() else {}
 
 
 def eot_token(tokenizer_json: Path, eot_id: int) -> str:
