@@ -155,6 +155,16 @@ def init_ray(cfg: Config) -> None:
 def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.callback import WorkerCallback  # Ray's hook into worker shutdown
+
+    class FinishWandbOnShutdown(WorkerCallback):
+        """Ctrl-C aborts the run: Ray gives each worker 5 s, then kills it. W&B keeps records in memory
+        until a 32 KiB block fills, so finish the open run in that time or its last evaluations are lost."""
+
+        def before_worker_shutdown(self):
+            from .tracking import finish_open_run
+
+            finish_open_run()
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
@@ -168,7 +178,7 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
             checkpoint_config=CheckpointConfig(num_to_keep=r.checkpoints_to_keep,
                                                checkpoint_score_attribute="val_loss", checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=r.max_failures),
-            callbacks=callbacks,
+            callbacks=[*(callbacks or []), FinishWandbOnShutdown()],
         ),
     )
 

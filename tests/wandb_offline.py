@@ -22,6 +22,28 @@ def offline_runs(wandb_dir: str) -> list[str]:
     return sorted(glob.glob(os.path.join(wandb_dir, "wandb", "offline-run-*")))
 
 
+def segments(wandb_dir: str, run_id: str) -> list[str]:
+    """The folders of one run id, oldest first: a resumed run writes a new `offline-run-<time>-<id>`."""
+    return [r for r in offline_runs(wandb_dir) if r.endswith(f"-{run_id}")]
+
+
+def read_run_history(wandb_dir: str, run_id: str) -> list[dict]:
+    """Every history row of run `run_id`, all its offline segments merged in the order they ran
+    (what `wandb sync` uploads, one segment after the other)."""
+    return [row for run_dir in segments(wandb_dir, run_id) for row in read_history(run_dir)]
+
+
+def wait_finished(wandb_dir: str, run_id: str, timeout: float = 20) -> None:
+    """Wait for the exit record of the run's last segment: `run.finish()` can return a few
+    milliseconds before W&B's service has written the file's last block."""
+    import time
+
+    deadline = time.time() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in _records(segments(wandb_dir, run_id)[-1])):
+        assert time.time() < deadline, f"{run_id}: no exit record after {timeout}s"
+        time.sleep(0.02)
+
+
 def _records(run_dir: str):
     from wandb.proto import wandb_internal_pb2 as pb
 
