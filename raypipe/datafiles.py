@@ -18,7 +18,7 @@ import numpy as np
 from .errors import UserError
 
 SPLITS = ("train", "val")
-DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 class DataError(UserError):
@@ -57,8 +57,8 @@ def check_meta(meta, where: str) -> dict:
     if not (_is_int(vocab) and vocab > 0):
         raise _bad(where, "vocab_size", vocab, "a positive integer (the tokenizer's vocabulary size)")
     dtype = meta.get("dtype", _MISSING)
-    if not (isinstance(dtype, str) and dtype in DTYPES):
-        raise _bad(where, "dtype", dtype, f"one of {', '.join(DTYPES)}")
+    if not (isinstance(dtype, str) and dtype in TOKEN_DTYPES):
+        raise _bad(where, "dtype", dtype, f"one of {', '.join(TOKEN_DTYPES)}")
     for field, expected in (("tokens", "a token count (an integer >= 0)"),
                             ("sha256", "a sha256 hex digest (64 characters 0-9a-f)")):
         entries = meta.get(field, _MISSING)
@@ -140,7 +140,7 @@ class DatasetWriter:
     """
 
     def __init__(self, out_dir: str | Path, vocab_size: int, dtype: str, splits: Iterable[str] = SPLITS, log=print):
-        self.out_dir, self.vocab_size, self.np_dtype = Path(out_dir), vocab_size, DTYPES[dtype]
+        self.out_dir, self.vocab_size, self.np_dtype = Path(out_dir), vocab_size, TOKEN_DTYPES[dtype]
         if self.out_dir.exists():
             raise DataError(f"{self.out_dir} already exists; remove it or choose another directory")
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)

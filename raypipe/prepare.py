@@ -53,7 +53,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from .datafiles import DTYPES, DataError, DatasetWriter, dtype_for_vocab, remove_stale_temporaries
+from .datafiles import TOKEN_DTYPES, DataError, DatasetWriter, dtype_for_vocab, remove_stale_temporaries
 from .errors import UserError
 from .tokenizer import (EOT, SPEC_HELP, TokenizerError, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths,
                         file_spec, gpt2_spec, hf_spec, parse_spec, split_document, train_bpe)
@@ -410,9 +410,9 @@ def tokenize_task(task: Task, opts: Options, spec: TokenizerSpec, dtype: str) ->
     d = read_documents(task, opts)
     is_val = val_mask(d, task, opts)
     if spec.kind == "byte":  # straight from the UTF-8 bytes, no str per document
-        tokens, lengths = encode_utf8(d.data, d.offsets, spec.eot_id, DTYPES[dtype]), np.diff(d.offsets) + 1
+        tokens, lengths = encode_utf8(d.data, d.offsets, spec.eot_id, TOKEN_DTYPES[dtype]), np.diff(d.offsets) + 1
     else:
-        tokens, lengths = encode_with_lengths(spec, d.strings(), DTYPES[dtype])
+        tokens, lengths = encode_with_lengths(spec, d.strings(), TOKEN_DTYPES[dtype])
     n_val = int(is_val.sum())
     return Result(_take(tokens, lengths, ~is_val), _take(tokens, lengths, is_val), len(d) - n_val, n_val,
                   d.nbytes, d.empty, d.bad_bytes, d.first_bad)
@@ -429,7 +429,7 @@ def _init_worker(*args) -> None:
 
 
 def _slot(shared, dtype: str, size: int, index: int) -> np.ndarray:
-    return np.frombuffer(shared, DTYPES[dtype], size, index * size * np.dtype(DTYPES[dtype]).itemsize)
+    return np.frombuffer(shared, TOKEN_DTYPES[dtype], size, index * size * np.dtype(TOKEN_DTYPES[dtype]).itemsize)
 
 
 def _work(task: Task, slot: int) -> Result:
@@ -475,7 +475,7 @@ def run_local(tasks: Iterable[Task], opts: Options, spec: TokenizerSpec, dtype: 
     # Task i's tokens come back in slot i % in_flight: results are taken in order, so a slot is read
     # (written to the .bin) before the task that reuses it is submitted. An anonymous shared mapping
     # made before the fork is the same memory in every worker.
-    shared = mmap.mmap(-1, in_flight * size * np.dtype(DTYPES[dtype]).itemsize) if fork else None
+    shared = mmap.mmap(-1, in_flight * size * np.dtype(TOKEN_DTYPES[dtype]).itemsize) if fork else None
     ctx = mp.get_context("fork" if fork else None)
     with _env(TOKENIZERS_PARALLELISM="false"):
         pool = ctx.Pool(workers, initializer=_init_worker, initargs=(opts, spec, dtype, shared, size))
@@ -521,8 +521,8 @@ def run_ray(tasks: list[Task], opts: Options, spec: TokenizerSpec, dtype: str) -
     try:
         ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, len(tasks)))
         for row in ds.map(partial(_ray_row, opts=opts, spec=spec, dtype=dtype)).iter_rows():
-            yield Result(**{**row, "train": np.frombuffer(row["train"], DTYPES[dtype]),
-                            "val": np.frombuffer(row["val"], DTYPES[dtype])})
+            yield Result(**{**row, "train": np.frombuffer(row["train"], TOKEN_DTYPES[dtype]),
+                            "val": np.frombuffer(row["val"], TOKEN_DTYPES[dtype])})
     finally:
         ctx.execution_options.preserve_order = ordered
         if started:

@@ -117,3 +117,13 @@ def test_cuda_prefetcher_same_batches_and_resume_position(tmp_path):
         got = resumed_ahead()
         assert torch.equal(got[0], x) and torch.equal(got[1], y)
     resumed_ahead.close()
+
+
+def test_every_stream_has_its_own_number_and_unknown_streams_are_refused():
+    from raypipe.data import STREAMS, split_seed
+
+    assert len(set(STREAMS.values())) == len(STREAMS)
+    seeds = {split_seed(1, 0, "train", s) for s in STREAMS}
+    assert len(seeds) == len(STREAMS)
+    with pytest.raises(ValueError, match="stream 'lave': expected one of batches, eval, probe"):
+        split_seed(1, 0, "train", "lave")  # an anagram of eval: once the same windows, now refused
