@@ -38,6 +38,17 @@ from .errors import UserError
 from .model import GemmaLM
 
 MANIFEST = "manifest.json"
+CHECKPOINT_GLOB = "checkpoint_0*"  # checkpoint_<step, 7 digits>: names sort by step
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_{step:07d}"
+
+
+def is_checkpoint_step(step: int, last_step: int, eval_interval: int, checkpoint_interval: Optional[int]) -> bool:
+    """Checkpoints come with evaluations: every checkpoint_interval steps (None: every evaluation) and at
+    the last step of the run."""
+    return step == last_step or step % (checkpoint_interval or eval_interval) == 0
 MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and sha256, rank files digested in rank_<r>.json
 
 
@@ -340,7 +351,7 @@ def check_compatible(checkpoint_dir: str | Path, cfg: Config, data_meta: dict, w
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     """The newest complete checkpoint of a run directory (incomplete ones are skipped)."""
-    for d in sorted(Path(run_dir).glob("checkpoint_0*"), reverse=True):
+    for d in sorted(Path(run_dir).glob(CHECKPOINT_GLOB), reverse=True):
         try:
             verify(d)
             return d

@@ -1,31 +1,35 @@
-"""The per-worker training loop, plain PyTorch: read top to bottom like nanoGPT's train.py.
+"""The per-worker training loop, plain PyTorch: `train()` reads top to bottom like nanoGPT's train.py.
 
 Ray is not imported here. The entry point hands in a `WorkerEnv` (rank, world size, device, a
 `report` callback); under Ray Train the process group already exists and `report` calls
-`ray.train.report`, without Ray `report` just keeps the checkpoint on local disk.
+`ray.train.report`, which persists the checkpoint. The default `report` keeps nothing: each
+checkpoint is written to a temporary directory that is removed after `report` returns, so a caller
+without Ray that wants them passes a `report` that copies them (as the tests do).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .checkpoint import (Resume, capture_rank_state, check_compatible, load_model_weights,
-                         restore_rank_state, save_checkpoint)
+from .checkpoint import (Resume, capture_rank_state, check_compatible, checkpoint_name, is_checkpoint_step,
+                         load_model_weights, restore_rank_state, save_checkpoint)
 from .config import Config
 from .data import BatchSampler, CudaPrefetcher, read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM
 from .optim import configure_optimizer, lr_at
+from .parallel import wrap_for_training
 from .provenance import code_version
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
@@ -58,7 +62,7 @@ def autocast_context(dtype: torch.dtype, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: int, ctx,
+def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: int, autocast,
                      scaler: torch.amp.GradScaler) -> float:
     """Accumulate gradients over `micro_steps` micro-batches; return their mean loss (over ranks too).
 
@@ -71,7 +75,7 @@ def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: 
         x, y = next_batch()
         sync = micro == micro_steps - 1 or not isinstance(model, DDP)
         with (contextlib.nullcontext() if sync else model.no_sync()):
-            with ctx:
+            with autocast:
                 _, loss = model(x, y)
             scaler.scale(loss / micro_steps).backward()
         losses.append(loss.detach())
@@ -93,7 +97,7 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
 
 
 @torch.inference_mode()
-def estimate_loss(model: torch.nn.Module, eval_iters: int, ctx, batches: dict[str, Callable]) -> dict[str, float]:
+def estimate_loss(model: torch.nn.Module, eval_iters: int, autocast, batches: dict[str, Callable]) -> dict[str, float]:
     """Mean loss over `eval_iters` batches of each split, in eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
@@ -102,7 +106,7 @@ def estimate_loss(model: torch.nn.Module, eval_iters: int, ctx, batches: dict[st
         losses = torch.zeros(eval_iters)
         for i in range(eval_iters):
             x, y = next_batch()
-            with ctx:
+            with autocast:
                 _, loss = model(x, y)
             losses[i] = loss.item()
         out[split] = losses.mean().item()
@@ -126,11 +130,11 @@ def load_sampling_tokenizer(meta: dict, data_dir: str, env: WorkerEnv) -> Option
         return None
 
 
-def sample_texts(model: GemmaLM, tokenizer: TextTokenizer, t, device: torch.device, ctx) -> list[str]:
+def sample_texts(model: GemmaLM, tokenizer: TextTokenizer, t, device: torch.device, autocast) -> list[str]:
     """Continuations of the fixed prompt with a fixed seed, so evals compare like with like."""
     prompt = tokenizer.encode(t.sample_prompt) or [tokenizer.eot_id]
     idx = torch.tensor([prompt] * t.num_samples, device=device)
-    with ctx:
+    with autocast:
         out = generate(model, idx, t.sample_tokens, temperature=0.8, top_k=50,
                        generator=torch.Generator().manual_seed(t.seed), stop_id=tokenizer.eot_id)
     return [tokenizer.decode(cut_at(row, len(prompt), tokenizer.eot_id)) for row in out.tolist()]
@@ -154,6 +158,152 @@ class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
 
 
+@dataclass
+class RunState:
+    """The run's progress, saved in every checkpoint's state.json and restored from one (weights,
+    optimizer and each rank's RNG and sampler state travel beside it)."""
+
+    world_size: int
+    run_name: str
+    step: int = 0  # the last optimizer step done
+    history: list[dict] = field(default_factory=list)  # one entry per evaluation
+    step_losses: list[float] = field(default_factory=list)  # every optimizer step's loss
+    skipped_steps: int = 0  # non-finite steps whose update was skipped
+    restarts: int = 0  # resumes from a checkpoint (after a failure or --resume)
+    wandb_run_id: Optional[str] = None
+    code: dict = field(default_factory=code_version)  # the code that wrote the checkpoint
+
+    PROGRESS = ("step", "history", "step_losses", "skipped_steps", "restarts", "wandb_run_id")
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        """A checkpoint's progress; this run's own world size, name and code stay."""
+        for key in self.PROGRESS:
+            setattr(self, key, state[key])
+
+
+@dataclass
+class Parts:
+    """What a worker trains with, built once by `train`."""
+
+    model: torch.nn.Module  # what a step runs: compiled and/or wrapped for data parallelism
+    raw_model: GemmaLM  # the plain module: checkpoints, evaluation, samples
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled only for float16
+    autocast: Any  # the autocast context, or a null one for float32
+
+
+class StepClock:
+    """Wall time of each optimizer step of this session and the host time it waited for batches."""
+
+    def __init__(self, batches: Timed):
+        self.batches, self.start = batches, time.perf_counter()
+        self.step_times: list[float] = []
+        self.data_waits: list[float] = []
+
+    @contextlib.contextmanager
+    def step(self, device: torch.device):
+        start, waited = time.perf_counter(), self.batches.seconds
+        yield
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.step_times.append(time.perf_counter() - start)
+        self.data_waits.append(self.batches.seconds - waited)
+
+    def tokens_per_sec(self, tokens_per_step: int) -> Optional[float]:
+        return len(self.step_times) * tokens_per_step / sum(self.step_times) if self.step_times else None
+
+
+def optimizer_step(parts: Parts, next_batch: Callable, step: int, t, streak: int, state: RunState,
+                   log: Callable[[str], None]) -> tuple[float, float, float, int]:
+    """One optimizer step: lr from the schedule, accumulate, clip, update (or skip a non-finite one).
+    Returns (lr, loss, grad norm, non-finite streak)."""
+    lr = lr_at(step, t)
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    loss = forward_backward(parts.model, next_batch, t.grad_accum_steps, parts.autocast, parts.scaler)
+    grad_norm = clip_gradients(parts.raw_model, parts.optimizer, parts.scaler, t.grad_clip)
+    # float16: an infinite gradient is the scaler's business (it skips and lowers the scale).
+    if math.isfinite(loss) and (math.isfinite(grad_norm) or parts.scaler.is_enabled()):
+        parts.scaler.step(parts.optimizer)
+        streak = 0
+    else:  # skip the update; the step still counts (schedule and data move on)
+        state.skipped_steps += 1
+        streak += 1
+        log(f"[raypipe] step {step}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
+        if streak >= t.max_nonfinite_steps:
+            raise NonFiniteError(f"{streak} optimizer steps in a row had a non-finite loss or "
+                                 f"gradient norm (last: step {step}); the last checkpoint "
+                                 f"(step {state.history[-1]['step'] if state.history else 'none'}) is intact. "
+                                 "Lower train.learning_rate or train.grad_clip, or check the data.")
+    parts.scaler.update()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return lr, loss, grad_norm, streak
+
+
+def evaluate(parts: Parts, eval_samplers: dict[str, BatchSampler], t, device: torch.device) -> dict[str, float]:
+    """Train and val loss on the same fixed batches as every evaluation, averaged over ranks."""
+    for sampler in eval_samplers.values():
+        sampler.reset()
+    return mean_over_ranks(estimate_loss(parts.raw_model, t.eval_batches, parts.autocast, eval_samplers), device)
+
+
+def log_samples(parts: Parts, tokenizer: Optional[TextTokenizer], t, device: torch.device, step: int,
+                tracker: Tracker, log: Callable[[str], None]) -> None:
+    if tokenizer is None:
+        return
+    samples = sample_texts(parts.raw_model, tokenizer, t, device, parts.autocast)
+    for text in samples:
+        log(f"[raypipe] sample @ step {step}: {text!r}")
+    tracker.log_samples(step, t.sample_prompt, samples)
+
+
+def checkpoint_and_report(parts: Parts, cfg: Config, env: WorkerEnv, state: RunState, metrics: dict,
+                          train_batches, data_files: dict[str, Path], last_step: int) -> None:
+    """Report the evaluation to Ray, with a checkpoint at checkpoint steps (every rank writes its own
+    RNG and sampler state; rank 0 the rest)."""
+    step, t = metrics["step"], cfg.train
+    if not is_checkpoint_step(step, last_step, t.eval_interval, t.checkpoint_interval):
+        env.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
+        rank_state = capture_rank_state(train_batches, env.device)
+        extra = dict(model=parts.raw_model, optimizer=parts.optimizer, config=cfg, copy_files=data_files,
+                     state={**state.state_dict(), "tokens": metrics["tokens"], "scaler": parts.scaler.state_dict()}
+                     ) if env.rank == 0 else {}
+        env.report(metrics, save_checkpoint(tmp, checkpoint_name(step), rank=env.rank, rank_state=rank_state, **extra))
+
+
+def checkpoint_data_files(meta: dict, data_dir: str) -> dict[str, Path]:
+    """The data's meta.json and tokenizer, copied into each checkpoint so it encodes prompts on its own."""
+    files = {"data_meta.json": Path(data_dir) / "meta.json"}
+    tokenizer_file = meta.get("tokenizer", {}).get("file")
+    if tokenizer_file and (Path(data_dir) / tokenizer_file).is_file():
+        files[tokenizer_file] = Path(data_dir) / tokenizer_file
+    return files
+
+
+def summarize(state: RunState, clock: StepClock, steps_run: int, tokens_per_step: int, parts: Parts,
+              tracker: Tracker, t, device: torch.device) -> dict:
+    """The run's summary (rank 0's is the run's), with this session's step times for benchmarks."""
+    history, train_time = state.history, sum(clock.step_times)
+    best = min(history, key=lambda h: h["val_loss"])
+    return {
+        "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
+        "final_train_loss": history[-1]["train_loss"], "steps": state.step, "max_steps": t.max_steps,
+        "tokens": state.step * tokens_per_step,
+        "tokens_per_sec": steps_run * tokens_per_step / train_time if train_time else None,
+        "train_time_s": train_time, "num_params": parts.raw_model.num_params(), "world_size": state.world_size,
+        "skipped_steps": state.skipped_steps, "restarts": state.restarts,
+        "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history, "code": state.code,
+        # this session's steps, for benchmarks: wall time of each, host time waiting for batches
+        "step_times_s": clock.step_times, "data_wait_s": clock.data_waits,
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+    }
+
+
 def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     """Train up to cfg.train.max_steps optimizer steps (or stop_at); return the summary (rank 0's
     is the run's). With `resume`, continue that checkpoint's run exactly where it stopped."""
@@ -163,14 +313,15 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = meta["vocab_size"]
     master = env.rank == 0
+    log = env.log if master else (lambda line: None)
 
     # Model: same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
     torch.manual_seed(t.seed)
     raw_model = GemmaLM(cfg.model).to(device)
-    optimizer = configure_optimizer(raw_model, t, device.type)
     dtype = autocast_dtype(t.dtype, device)
-    ctx = autocast_context(dtype, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    parts = Parts(model=raw_model, raw_model=raw_model, optimizer=configure_optimizer(raw_model, t, device.type),
+                  scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+                  autocast=autocast_context(dtype, device))
 
     # Data: every rank draws its own windows; eval uses a fixed stream, the same batches each time,
     # so successive val losses differ by the model, not by the sample.
@@ -178,132 +329,71 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         return BatchSampler(data_dir, split, t.block_size, t.batch_size, device, t.seed, env.rank, stream)
 
     train_batches = sampler("train", "batches")
-    eval_batches = {split: sampler(split, "eval") for split in ("train", "val")}
+    eval_samplers = {split: sampler(split, "eval") for split in ("train", "val")}
     tokens_per_step = t.tokens_per_step(env.world_size)
 
-    # Run state: all of it goes into every checkpoint, and comes back from one.
-    run = {"step": 0, "history": [], "step_losses": [], "skipped_steps": 0, "restarts": 0, "wandb_run_id": None,
-           "world_size": env.world_size, "run_name": env.run_name, "code": code_version()}
+    state = RunState(world_size=env.world_size, run_name=env.run_name)
     if resume is not None:
         check_compatible(resume.path, cfg, meta, env.world_size)
         load_model_weights(raw_model, resume.model, resume.path)
-        optimizer.load_state_dict(resume.optimizer)
-        scaler.load_state_dict(resume.state["scaler"])
+        parts.optimizer.load_state_dict(resume.optimizer)
+        parts.scaler.load_state_dict(resume.state["scaler"])
         restore_rank_state(resume.rank_state, train_batches, device)
-        run.update({k: resume.state[k] for k in run if k not in ("world_size", "run_name", "code")})
-        run["restarts"] += 1
+        state.load_state_dict(resume.state)
+        state.restarts += 1
         if resume.state.get("run_name") != env.run_name:  # a new run from another's checkpoint: new W&B run
-            run["wandb_run_id"] = None
+            state.wandb_run_id = None
     if device.type == "cuda" and t.prefetch:  # after a resume has set the sampler's position
         train_batches = CudaPrefetcher(train_batches)
     next_train_batch = Timed(train_batches)
     model = torch.compile(raw_model) if t.compile else raw_model
     if env.world_size > 1:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = wrap_for_training(model, device, t)
+    parts.model = model
 
-    # Checkpoints carry the data's meta.json and tokenizer, so they encode prompts on their own.
-    data_files = {"data_meta.json": Path(data_dir) / "meta.json"}
-    tokenizer_file = meta.get("tokenizer", {}).get("file")
-    if tokenizer_file and (Path(data_dir) / tokenizer_file).is_file():
-        data_files[tokenizer_file] = Path(data_dir) / tokenizer_file
+    data_files = checkpoint_data_files(meta, data_dir)
     tokenizer = load_sampling_tokenizer(meta, data_dir, env) if master and t.sample_tokens else None
-
     # Evaluations the checkpoint holds and this W&B run may lack (lost when a run was killed) go in first.
-    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master, run_id=run["wandb_run_id"],
-                      history=run["history"])
-    run["wandb_run_id"] = tracker.run_id
-    first_step, last_step = run["step"] + 1, min(t.max_steps, t.stop_at or t.max_steps)
-    if master:
-        env.log(f"[raypipe] {raw_model.num_params():,} parameters | {env.world_size} worker(s) on {device.type} | "
-                f"{dtype} | {tokens_per_step:,} tokens/step | {t.max_steps} steps = "
-                f"{tokens_per_step * t.max_steps:,} tokens | W&B {tracker.mode}")
-        if resume is not None:
-            env.log(f"[raypipe] resumed from {resume.path.name} at step {run['step']} (restart {run['restarts']})")
+    tracker = Tracker(cfg.wandb, env.run_name, cfg.to_dict(), env.out_dir, enabled=master, run_id=state.wandb_run_id,
+                      history=state.history)
+    state.wandb_run_id = tracker.run_id
+    first_step, last_step = state.step + 1, min(t.max_steps, t.stop_at or t.max_steps)
+    log(f"[raypipe] {raw_model.num_params():,} parameters | {env.world_size} worker(s) on {device.type} | "
+        f"{dtype} | {tokens_per_step:,} tokens/step | {t.max_steps} steps = "
+        f"{tokens_per_step * t.max_steps:,} tokens | W&B {tracker.mode}")
+    if resume is not None:
+        log(f"[raypipe] resumed from {resume.path.name} at step {state.step} (restart {state.restarts})")
 
-    start, step_times, data_waits = time.perf_counter(), [], []  # per step of this session
-    checkpoint_every = t.checkpoint_interval or t.eval_interval
-    nonfinite_streak = 0
+    clock, streak = StepClock(next_train_batch), 0
     try:
         for step in range(first_step, last_step + 1):
-            step_start, waited_before = time.perf_counter(), next_train_batch.seconds
-            lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = forward_backward(model, next_train_batch, t.grad_accum_steps, ctx, scaler)
-            grad_norm = clip_gradients(raw_model, optimizer, scaler, t.grad_clip)
-            # float16: an infinite gradient is the scaler's business (it skips and lowers the scale).
-            if math.isfinite(step_loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
-                scaler.step(optimizer)
-                nonfinite_streak = 0
-            else:  # skip the update; the step still counts (schedule and data move on)
-                run["skipped_steps"] += 1
-                nonfinite_streak += 1
-                if master:
-                    env.log(f"[raypipe] step {step}: non-finite loss {step_loss} / grad norm {grad_norm}: update skipped")
-                if nonfinite_streak >= t.max_nonfinite_steps:
-                    raise NonFiniteError(f"{nonfinite_streak} optimizer steps in a row had a non-finite loss or "
-                                         f"gradient norm (last: step {step}); the last checkpoint "
-                                         f"(step {run['history'][-1]['step'] if run['history'] else 'none'}) is intact. "
-                                         "Lower train.learning_rate or train.grad_clip, or check the data.")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_times.append(time.perf_counter() - step_start)
-            data_waits.append(next_train_batch.seconds - waited_before)
-            run["step"] = step
-            run["step_losses"].append(step_loss)
+            with clock.step(device):
+                lr, loss, grad_norm, streak = optimizer_step(parts, next_train_batch, step, t, streak, state, log)
+            state.step = step
+            state.step_losses.append(loss)
             if step % t.log_interval == 0:
-                tracker.log({"step_loss": step_loss, "learning_rate": lr, "grad_norm": grad_norm}, step=step)
+                tracker.log({"step_loss": loss, "learning_rate": lr, "grad_norm": grad_norm}, step=step)
+            if step % t.eval_interval and step != last_step:
+                continue
 
-            if step % t.eval_interval == 0 or step == last_step:
-                for eval_sampler in eval_batches.values():
-                    eval_sampler.reset()
-                losses = mean_over_ranks(estimate_loss(raw_model, t.eval_batches, ctx, eval_batches), device)
-                metrics = {
-                    "step": step, "tokens": step * tokens_per_step,
-                    "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
-                    "grad_norm": grad_norm, "step_loss": step_loss, "skipped_steps": run["skipped_steps"],
-                    "tokens_per_sec": len(step_times) * tokens_per_step / sum(step_times),
-                    "data_wait_frac": sum(data_waits) / sum(step_times),
-                    "elapsed_s": time.perf_counter() - start,
-                }
-                run["history"].append(metrics)
-                tracker.log(metrics, step=step)
-                if master:
-                    env.log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
-                            f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                            f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
-                if tokenizer is not None:
-                    samples = sample_texts(raw_model, tokenizer, t, device, ctx)
-                    for text in samples:
-                        env.log(f"[raypipe] sample @ step {step}: {text!r}")
-                    tracker.log_samples(step, t.sample_prompt, samples)
-                if step % checkpoint_every and step != last_step:
-                    env.report(metrics, None)
-                    continue
-                with tempfile.TemporaryDirectory(prefix="raypipe-ckpt-") as tmp:
-                    rank_state = capture_rank_state(train_batches, device)
-                    extra = dict(model=raw_model, optimizer=optimizer, config=cfg, copy_files=data_files,
-                                 state={**run, "tokens": metrics["tokens"], "scaler": scaler.state_dict()}) if master else {}
-                    checkpoint = save_checkpoint(tmp, f"checkpoint_{step:07d}", rank=env.rank,
-                                                 rank_state=rank_state, **extra)
-                    env.report(metrics, checkpoint)
+            losses = evaluate(parts, eval_samplers, t, device)
+            metrics = {
+                "step": step, "tokens": step * tokens_per_step,
+                "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
+                "grad_norm": grad_norm, "step_loss": loss, "skipped_steps": state.skipped_steps,
+                "tokens_per_sec": clock.tokens_per_sec(tokens_per_step),
+                "data_wait_frac": sum(clock.data_waits) / sum(clock.step_times),
+                "elapsed_s": time.perf_counter() - clock.start,
+            }
+            state.history.append(metrics)
+            tracker.log(metrics, step=step)
+            log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
+                f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+                f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
+            log_samples(parts, tokenizer, t, device, step, tracker, log)
+            checkpoint_and_report(parts, cfg, env, state, metrics, train_batches, data_files, last_step)
     finally:
         if isinstance(train_batches, CudaPrefetcher):
             train_batches.close()
         tracker.finish()  # also on errors: W&B keeps what was logged
-    history, train_time = run["history"], sum(step_times)
-    best = min(history, key=lambda h: h["val_loss"])
-    return {
-        "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
-        "final_train_loss": history[-1]["train_loss"], "steps": run["step"], "max_steps": t.max_steps,
-        "tokens": run["step"] * tokens_per_step,
-        "tokens_per_sec": (last_step - first_step + 1) * tokens_per_step / train_time if train_time else None,
-        "train_time_s": train_time, "num_params": raw_model.num_params(), "world_size": env.world_size,
-        "skipped_steps": run["skipped_steps"], "restarts": run["restarts"],
-        "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history, "code": run["code"],
-        # this session's steps, for benchmarks: wall time of each, host time waiting for batches
-        "step_times_s": step_times, "data_wait_s": data_waits,
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
-    }
+    return summarize(state, clock, last_step - first_step + 1, tokens_per_step, parts, tracker, t, device)

@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from .checkpoint import latest_checkpoint, load_state
+from .checkpoint import checkpoint_name, latest_checkpoint, load_state
 from .config import ConfigError
 from .errors import UserError
 from .sweepspec import SweepSpec, load_sweep, trial_config
@@ -121,7 +121,7 @@ def _row(spec: SweepSpec, params: dict, result) -> dict:
         last = latest_checkpoint(run_dir)
         history = load_state(last)["history"] if last else []
         best = min(history, key=lambda h: h["val_loss"], default=None)
-        best_ckpt = str(run_dir / f"checkpoint_{best['step']:07d}") if best else None
+        best_ckpt = str(run_dir / checkpoint_name(best["step"])) if best else None
         early = bool(history) and history[-1]["step"] < spec.base.train.max_steps
     derived = {key: params[rule["of"]] * rule["factor"] for key, rule in spec.tie.items()}
     vals = [h["val_loss"] for h in history]

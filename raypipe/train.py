@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state, read_config, verify
+from .checkpoint import (CHECKPOINT_GLOB, MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state,
+                         read_config, verify)
 from .config import Config, ConfigError, apply_override, load_config, print_config
 from .data import DataError, validate_data
 from .driver import RunFailed, check_wandb_login, local_data_dir, local_misfit, run
@@ -82,7 +83,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if "://" not in cfg.ray.storage_path:
         cfg.ray.storage_path = str(Path(cfg.ray.storage_path).expanduser().resolve())
         run_dir = Path(cfg.ray.storage_path) / cfg.ray.name
-        if resume_run is None and (any(run_dir.glob("checkpoint_0*")) or (run_dir / "summary.json").exists()):
+        if resume_run is None and (any(run_dir.glob(CHECKPOINT_GLOB)) or (run_dir / "summary.json").exists()):
             # Ray would silently continue (or mix into) that run: make the user say which they mean.
             raise ConfigError(f"ray.name {cfg.ray.name!r}: {run_dir} already holds a run; continue it with "
                               f"--resume {run_dir}, or pick another --name")
