@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Iterator
-
-import numpy as np
-
 from .config import DataConfig
 from .data import DataError, dtype_for_vocab, read_meta, write_dataset
-from .tokenizer import EOT, train_bpe
+from .tokenizer import encode_documents, hf_spec, train_bpe
 
 NAMES = ["Lily", "Ben", "Tom", "Mia", "Sam", "Anna", "Max", "Sue", "Tim", "Lucy", "Jack", "Zoe",
          "Leo", "Emma", "Finn", "Rosa", "Kai", "Nora", "Ollie", "Ruby"]
@@ -66,24 +62,13 @@ def stories(num: int, seed: int) -> list[str]:
     return [story(rng) for _ in range(num)]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE (GPT-2 style) with an end-of-text special token, trained on `texts`."""
-    return train_bpe(texts, vocab_size)
-
-
-def _encode(tok, docs: list[str], eot_id: int) -> Iterator[np.ndarray]:
-    for start in range(0, len(docs), 1024):
-        for enc in tok.encode_batch(docs[start:start + 1024]):
-            yield np.asarray(enc.ids + [eot_id], dtype=np.int64)
-
-
 def embedded_source(cfg: DataConfig) -> dict:
     """What identifies the embedded corpus: a data dir built from other settings is not reused."""
     return {"kind": "embedded", "num_stories": cfg.num_stories, "seed": cfg.seed,
             "tokenizer_vocab": cfg.tokenizer_vocab, "val_fraction": cfg.val_fraction}
 
 
-def prepare_embedded(cfg: DataConfig, log=print) -> dict:
+def ensure_embedded_corpus(cfg: DataConfig, log=print) -> dict:
     """Generate, tokenize and write the embedded corpus into cfg.dir; reuse it when already there."""
     out = Path(cfg.dir)
     source = embedded_source(cfg)
@@ -97,14 +82,14 @@ def prepare_embedded(cfg: DataConfig, log=print) -> dict:
     docs = stories(cfg.num_stories, cfg.seed)
     n_val = max(1, int(len(docs) * cfg.val_fraction))
     val_docs, train_docs = docs[:n_val], docs[n_val:]
-    tok = train_tokenizer(train_docs, cfg.tokenizer_vocab)
-    eot_id = tok.token_to_id(EOT)
-    vocab = tok.get_vocab_size()
-    meta = {"vocab_size": vocab, "dtype": dtype_for_vocab(vocab), "eot_id": eot_id, "source": source,
-            "documents": {"train": len(train_docs), "val": len(val_docs)},
-            "tokenizer": {"kind": "bpe", "file": "tokenizer.json", "vocab_size": vocab}}
-    meta = write_dataset(out, {"train": _encode(tok, train_docs, eot_id), "val": _encode(tok, val_docs, eot_id)},
-                         meta, extra_files={"tokenizer.json": tok.to_str()}, log=log)
+    # The same tokenizer pieces as `python -m raypipe.prepare --tokenizer bpe:N`; the split stays the first
+    # stories to val (not prepare's keyed hash), so the embedded data keeps its bytes.
+    spec = hf_spec(train_bpe(train_docs, cfg.tokenizer_vocab), "bpe")
+    vocab, dtype = spec.vocab_size, dtype_for_vocab(spec.vocab_size)
+    meta = {"vocab_size": vocab, "dtype": dtype, "eot_id": spec.eot_id, "source": source,
+            "documents": {"train": len(train_docs), "val": len(val_docs)}, "tokenizer": spec.meta()}
+    splits = {"train": [encode_documents(spec, train_docs, dtype)], "val": [encode_documents(spec, val_docs, dtype)]}
+    meta = write_dataset(out, splits, meta, extra_files={"tokenizer.json": spec.json}, log=log)
     log(f"[raypipe] embedded corpus: {cfg.num_stories} stories, vocab {vocab}, "
         f"{meta['tokens']['train']:,} train / {meta['tokens']['val']:,} val tokens -> {out}")
     return meta

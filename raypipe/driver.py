@@ -23,7 +23,7 @@ import yaml
 
 from .checkpoint import check_compatible, choose_resume, latest_checkpoint, load_for_resume, load_state
 from .config import Config, ConfigError
-from .corpus import prepare_embedded
+from .corpus import ensure_embedded_corpus
 from .data import unigram_entropy, validate_data
 from .errors import UserError
 from .loop import NonFiniteError, WorkerEnv, train
@@ -48,7 +48,7 @@ def check_data(cfg: Config) -> dict:
     Data from a URI or with data.cache_dir is staged on the driver's node first: a bad copy or
     checksum is an error here, before any worker starts."""
     if cfg.data.source == "embedded":
-        prepare_embedded(cfg.data)
+        ensure_embedded_corpus(cfg.data)
     meta = validate_data(local_data_dir(cfg), cfg.train.block_size, cfg.model.vocab_size)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = meta["vocab_size"]

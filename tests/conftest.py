@@ -9,7 +9,7 @@ import pytest
 
 from helpers import tiny_config  # noqa: F401  (TEMPORARY: files still importing it from conftest)
 from raypipe.config import Config
-from raypipe.corpus import prepare_embedded
+from raypipe.corpus import ensure_embedded_corpus
 
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -30,7 +30,7 @@ def embedded_data(tmp_path_factory) -> Path:
     """A small embedded corpus (real memmaps, real BPE), shared by the whole session."""
     cfg = Config().data
     cfg.dir, cfg.num_stories = str(tmp_path_factory.mktemp("data") / "embedded"), 3000
-    prepare_embedded(cfg, log=lambda _: None)
+    ensure_embedded_corpus(cfg, log=lambda _: None)
     return Path(cfg.dir)
 
 

@@ -89,13 +89,13 @@ def test_embedded_corpus_is_reused_and_beatable(embedded_data):
     assert meta["tokenizer"]["file"] == "tokenizer.json" and (embedded_data / "tokenizer.json").is_file()
     assert 0 < unigram_entropy(embedded_data) < np.log(meta["vocab_size"])
     from raypipe.config import DataConfig
-    from raypipe.corpus import prepare_embedded
+    from raypipe.corpus import ensure_embedded_corpus
 
     same = DataConfig(dir=str(embedded_data), num_stories=3000)
     before = (embedded_data / "train.bin").stat().st_mtime_ns
-    assert prepare_embedded(same, log=print) == meta and (embedded_data / "train.bin").stat().st_mtime_ns == before
+    assert ensure_embedded_corpus(same, log=print) == meta and (embedded_data / "train.bin").stat().st_mtime_ns == before
     with pytest.raises(DataError, match="holds data built from"):
-        prepare_embedded(DataConfig(dir=str(embedded_data), num_stories=10))
+        ensure_embedded_corpus(DataConfig(dir=str(embedded_data), num_stories=10))
 
 
 @pytest.mark.gpu

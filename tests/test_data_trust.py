@@ -199,7 +199,8 @@ def test_an_8mb_line_keeps_prepare_memory_flat(tmp_path):
                 str(tmp_path / "out"), "--tokenizer", "bpe:500", "--workers", "1", "--quiet")
     assert r.returncode == 0, r.stderr
     peak_mb = int(r.stderr.split("peak_kb")[1].split()[0]) / 1024
-    assert peak_mb < 500, f"peak RSS {peak_mb:.0f} MB for an 8 MB line"
+    # about 290 MB alone, up to 540 MB late in a full run (the interpreter's state varies); 1,590 MB before
+    assert peak_mb < 800, f"peak RSS {peak_mb:.0f} MB for an 8 MB line"
 
 
 # --- class 8: a killed prepare's temporary directory is removed by the next one ---------------------------

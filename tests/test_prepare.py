@@ -12,11 +12,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import raypipe.prepare as prep
+import raypipe.documents as documents
+import raypipe.tokenize_files as tokenize_files
 from raypipe.corpus import stories
 from raypipe.data import DataError, VERIFIED, read_meta, validate_data, write_dataset
-from raypipe.prepare import PrepareError, main, prepare
-from raypipe.tokenizer import TokenizerError, gpt2_spec
+from raypipe.documents import PrepareError
+from raypipe.prepare import main, prepare
+from raypipe.tokenizer import TokenizerError, byte_spec, gpt2_spec
 
 DOCS = stories(600, seed=7)
 QUIET = dict(progress=False, log=lambda _: None)
@@ -88,7 +90,7 @@ def test_chunk_cuts_never_split_a_document(tmp_path, monkeypatch):
     expected = write_corpus(tmp_path / "in")
     (tmp_path / "in" / "e.txt").write_text("\n<|endoftext|>\n".join(DOCS[:150]) + "\n<|endoftext|>\n")
     one = prepare([str(tmp_path / "in")], tmp_path / "one", "byte", txt_split="eot", workers=1, **QUIET)
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 700)  # dozens of chunks per file
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 700)  # dozens of chunks per file
     many = prepare([str(tmp_path / "in")], tmp_path / "many", "byte", txt_split="eot", workers=2, **QUIET)
     assert one["sha256"] == many["sha256"] and one["documents"] == many["documents"]
     # The blank-line and jsonl cuts, against what the documents must be.
@@ -137,7 +139,7 @@ def test_lone_surrogates_are_replaced_and_reported(tmp_path, capsys, monkeypatch
     lines = [json.dumps({"text": d}) + "\n" for d in DOCS[:100]]
     lines[20:20], lines[60:60] = [odd[0]], [odd[1]]
     (tmp_path / "s.jsonl").write_text("".join(lines))
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)  # chunks with a surrogate record by record, others not
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 3000)  # chunks with a surrogate record by record, others not
     meta = prepare([str(tmp_path / "s.jsonl")], tmp_path / "s", tokenizer, val_fraction=0.2, workers=1, progress=False)
     at = len("".join(lines[:20]).encode())  # the record's first byte
     where = f"{(tmp_path / 's.jsonl').resolve()}: a lone surrogate in the record at byte {at}"
@@ -147,8 +149,8 @@ def test_lone_surrogates_are_replaced_and_reported(tmp_path, capsys, monkeypatch
     # chunk record by record): the same tokens in the same splits, only the count differs.
     lines[20], lines[60] = json.dumps({"text": fixed}) + "\n", odd[1].replace("\\udc00", "\\ufffd")
     (tmp_path / "f.jsonl").write_text("".join(lines))
-    assert prep._jsonl_column((tmp_path / "f.jsonl").read_bytes(), "text") is not None
-    assert prep._jsonl_column((tmp_path / "s.jsonl").read_bytes(), "text") is None
+    assert documents._jsonl_column((tmp_path / "f.jsonl").read_bytes(), "text") is not None
+    assert documents._jsonl_column((tmp_path / "s.jsonl").read_bytes(), "text") is None
     clean = prepare([str(tmp_path / "f.jsonl")], tmp_path / "f", tokenizer, val_fraction=0.2, workers=1, **QUIET)
     assert clean["source"]["invalid_utf8_bytes"] == 0 and clean["documents"] == meta["documents"]
     for name in ("train.bin", "val.bin") + (("tokenizer.json",) if tokenizer != "byte" else ()):
@@ -183,7 +185,7 @@ def test_failure_mid_way_leaves_nothing(tmp_path, monkeypatch):
     lines = [json.dumps({"text": d}) for d in DOCS[:300]]
     lines[250] = json.dumps({"body": "wrong key"})  # past the first record, so found while writing
     (tmp_path / "c.jsonl").write_text("\n".join(lines) + "\n")
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 2000)  # several chunks written before the bad one
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 2000)  # several chunks written before the bad one
     with pytest.raises(PrepareError, match=r"c.jsonl: the record at byte \d+ has no key 'text'.*keys are body"):
         prepare([str(tmp_path / "c.jsonl")], tmp_path / "out", "byte", workers=2, **QUIET)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no out, no temporary directory
@@ -244,7 +246,7 @@ def test_gpt2_offline_without_cache_fails_at_once(tmp_path, monkeypatch):
 
 def test_ray_data_pipeline_gives_the_same_bytes(tmp_path, ray_cluster, monkeypatch):
     write_corpus(tmp_path / "in")
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 20_000)  # several blocks through the pipeline
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 20_000)  # several blocks through the pipeline
     local = prepare([str(tmp_path / "in")], tmp_path / "local", "byte", val_fraction=0.1, workers=2, **QUIET)
     on_ray = prepare([str(tmp_path / "in")], tmp_path / "ray", "byte", val_fraction=0.1, use_ray=True, **QUIET)
     assert on_ray == local
@@ -333,13 +335,13 @@ JSONL_ODD = {  # a chunk of each kind the pyarrow reader leaves to the record-by
 
 def test_jsonl_reader_takes_clean_chunks_only():
     clean = "".join(json.dumps({"text": d, "id": i, "meta": {"x": [1, None]}}) + "\n" for i, d in enumerate(DOCS[:50]))
-    col = prep._jsonl_column(clean.encode(), "text")
+    col = documents._jsonl_column(clean.encode(), "text")
     assert col is not None and col.to_pylist() == DOCS[:50]
-    assert prep._jsonl_column(clean.encode()[:-1], "text") is not None  # the last line may lack its newline
+    assert documents._jsonl_column(clean.encode()[:-1], "text") is not None  # the last line may lack its newline
     for kind, text in JSONL_ODD.items():
-        assert prep._jsonl_column(text.encode(), "text") is None, kind
-    assert prep._jsonl_column(b'{"text": "caf\xe9"}\n', "text") is None  # invalid UTF-8: replaced and counted
-    assert prep._jsonl_column(b'{"body": "x"}\n', "text") is None  # a missing key: named in the error
+        assert documents._jsonl_column(text.encode(), "text") is None, kind
+    assert documents._jsonl_column(b'{"text": "caf\xe9"}\n', "text") is None  # invalid UTF-8: replaced and counted
+    assert documents._jsonl_column(b'{"body": "x"}\n', "text") is None  # a missing key: named in the error
 
 
 @pytest.mark.parametrize("tokenizer", ["byte", "bpe:300"])
@@ -351,9 +353,9 @@ def test_jsonl_reader_and_record_parser_give_the_same_bytes(tmp_path, monkeypatc
         lines.insert(40 * (i + 1), text)
     lines.insert(20, '{"text": ""}\n')
     (tmp_path / "c.jsonl").write_text("".join(lines))
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 3000)
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 3000)
     fast = prepare([str(tmp_path / "c.jsonl")], tmp_path / "fast", tokenizer, val_fraction=0.2, workers=2, **QUIET)
-    monkeypatch.setattr(prep, "_jsonl_column", lambda data, column: None)  # every chunk record by record
+    monkeypatch.setattr(documents, "_jsonl_column", lambda data, column: None)  # every chunk record by record
     plain = prepare([str(tmp_path / "c.jsonl")], tmp_path / "plain", tokenizer, val_fraction=0.2, workers=2, **QUIET)
     assert fast == plain and fast["source"]["empty_documents"] == 2
     for name in ("train.bin", "val.bin"):
@@ -365,7 +367,7 @@ def test_arrow_documents_drop_nulls_and_empties_of_a_slice():
 
     for typ in (pa.string(), pa.large_string()):
         arr = pa.array(["zz", "a", None, "", "bé", None, "c", "tail"], typ).slice(1, 6)
-        d = prep._from_arrow(arr)
+        d = documents._from_arrow(arr)
         assert d.strings() == ["a", "bé", "c"] and d.empty == 3
         assert [d.data[a:b].tobytes().decode() for a, b in zip(d.offsets, d.offsets[1:])] == ["a", "bé", "c"]
 
@@ -374,17 +376,17 @@ def test_workers_send_tokens_through_shared_memory(tmp_path, monkeypatch):
     import mmap
 
     write_corpus(tmp_path / "in")
-    monkeypatch.setattr(prep, "CHUNK_BYTES", 5000)  # txt/jsonl chunks fit a slot; parquet row groups (~30 KB) do not
-    opts, spec = prep.Options(val_fraction=0.2), prep.byte_spec()
-    tasks = list(prep.plan_tasks(prep.expand_inputs([str(tmp_path / "in")]), opts))
+    monkeypatch.setattr(documents, "CHUNK_BYTES", 5000)  # txt/jsonl chunks fit a slot; parquet row groups (~30 KB) do not
+    opts, spec = documents.Options(val_fraction=0.2), byte_spec()
+    tasks = list(documents.plan_tasks(documents.expand_inputs([str(tmp_path / "in")]), opts))
     via = {"slot": 0, "pipe": 0}
-    for task, r in zip(tasks, prep.run_local(tasks, opts, spec, "uint16", workers=2)):
-        expected = prep.tokenize_task(task, opts, spec, "uint16")
+    for task, r in zip(tasks, tokenize_files.run_local(tasks, opts, spec, "uint16", workers=2)):
+        expected = tokenize_files.tokenize_task(task, opts, spec, "uint16")
         assert np.array_equal(r.train, expected.train) and np.array_equal(r.val, expected.val)
         base = r.train  # array -> ... -> memoryview -> the shared mapping; else unpickled from the pipe
         while isinstance(base, (np.ndarray, memoryview)):
             base = base.obj if isinstance(base, memoryview) else base.base
-        fits = r.train.size + r.val.size <= 2 * prep.CHUNK_BYTES  # a slot's size
+        fits = r.train.size + r.val.size <= 2 * documents.CHUNK_BYTES  # a slot's size
         assert isinstance(base, mmap.mmap) == fits, task
         via["slot" if fits else "pipe"] += 1
     assert via["slot"] > 5 and via["pipe"] >= 3  # the parquet row groups of 64 documents do not fit
