@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_config  # noqa: F401  (TEMPORARY: files still importing it from conftest)
 from raypipe.config import Config
 from raypipe.corpus import ensure_embedded_corpus
 
