@@ -14,7 +14,10 @@ Figures count only the steps after `--warmup` (compilation, allocator warm-up):
   batches as a share of the step (the loop's wait for data);
 - under Ray: its tokens/s as a share of the bare loop's (same worker count 1) and, for several
   workers, scaling efficiency = tokens/s(N) / (N x tokens/s(1 worker under Ray)). N workers keep
-  the config's effective batch: each accumulates grad_accum_steps / N micro-batches.
+  the config's effective batch: each accumulates grad_accum_steps / N micro-batches, or takes one
+  micro-batch of batch_size x grad_accum_steps / N sequences where the accumulation does not divide.
+- with `--compare KEY=VALUE`, the multi-worker Ray runs once more with those overrides: a before and
+  after in one process (same data, same measured peak, the same warm compile cache).
 """
 
 from __future__ import annotations
@@ -67,10 +70,10 @@ def random_data(directory: Path, vocab_size: int, train_tokens: int = 20_000_000
     return str(out)
 
 
-def bench_config(args: argparse.Namespace, data_dir: str, storage: str) -> Config:
+def bench_config(args: argparse.Namespace, data_dir: str, storage: str, extra: Optional[list[str]] = None) -> Config:
     """The config under test, trimmed to a benchmark: no mid-run evaluations, samples or W&B;
     one small evaluation and checkpoint at the end, as every run ends."""
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides + (extra or []))
     t, steps = cfg.train, args.warmup + args.steps
     t.max_steps, t.stop_at, t.warmup_steps = steps, None, min(t.warmup_steps, steps)
     t.eval_interval, t.checkpoint_interval, t.eval_batches, t.sample_tokens = steps, None, 1, 0
@@ -109,18 +112,31 @@ def run_bare(cfg: Config) -> dict:
     return summary
 
 
+def split_batch(cfg: Config, workers: int) -> tuple[int, int]:
+    """Each worker's (micro-batch, accumulation) that keeps the config's effective batch with `workers`
+    workers: the accumulation is divided first; when it does not divide, each worker takes one
+    smaller micro-batch (256 x 4 on 1, 2, 4, 8 workers: 256 x 4, 256 x 2, 256 x 1, 128 x 1)."""
+    t = cfg.train
+    share = t.batch_size * t.grad_accum_steps // workers if workers >= 1 else 0
+    if workers >= 1 and t.grad_accum_steps % workers == 0:
+        return t.batch_size, t.grad_accum_steps // workers
+    if workers >= 1 and share * workers == t.batch_size * t.grad_accum_steps and share <= t.batch_size:
+        return share, 1
+    raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({t.grad_accum_steps}) must be divisible by the "
+                      f"worker count, or else train.batch_size x grad_accum_steps ({t.batch_size * t.grad_accum_steps}) "
+                      "into shares of at most train.batch_size, to keep the effective batch")
+
+
 def check_workers(cfg: Config, workers: int) -> None:
-    if workers < 1 or cfg.train.grad_accum_steps % workers:
-        raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({cfg.train.grad_accum_steps}) must be "
-                          "divisible by the worker count to keep the effective batch")
+    split_batch(cfg, workers)
 
 
 def run_ray(cfg: Config, workers: int) -> dict:
     """`workers` as passed by check_workers, which main runs for every count before any run."""
     from .driver import init_ray, make_trainer
 
-    # N workers split the config's effective batch: accumulation / N each (DDP all-reduces once per step).
-    cfg.train.grad_accum_steps //= workers
+    # N workers split the config's effective batch (DDP all-reduces once per step).
+    cfg.train.batch_size, cfg.train.grad_accum_steps = split_batch(cfg, workers)
     cfg.ray.num_workers = workers
     cfg.ray.name = f"bench-ray-{workers}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(cfg)
@@ -135,7 +151,7 @@ def add_ratios(rows: list[dict]) -> None:
     bare = next((r for r in rows if r["run"] == "bare loop"), None)
     one = next((r for r in rows if r["run"] == "Ray Train" and r["workers"] == 1), None)
     for r in rows:
-        if r["run"] != "Ray Train":
+        if not r["run"].startswith("Ray Train"):
             continue
         if bare and r["workers"] == 1:
             r["vs_bare"] = r["tokens_per_s"] / bare["tokens_per_s"]
@@ -166,6 +182,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--ray", action="store_true", help="also run inside a TorchTrainer")
     p.add_argument("--workers", type=int, nargs="+", default=[1], help="worker counts under --ray")
     p.add_argument("--no-bare", action="store_true", help="skip the bare loop (only the Ray runs)")
+    p.add_argument("--compare", action="append", default=[], metavar="KEY=VALUE",
+                   help="run the multi-worker Ray runs once more with these overrides added (a before/after in one process)")
     p.add_argument("--json", default="bench.json", help="where to write the figures")
     return p.parse_args(argv)
 
@@ -184,6 +202,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             base = bench_config(args, data_dir, str(Path(tmp) / "runs"))
             for n in args.workers if args.ray else []:
                 check_workers(base, n)  # before any run, not after the bare one
+            if args.compare:
+                bench_config(args, data_dir, str(Path(tmp) / "runs"), args.compare)  # a bad key fails now
         except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -192,8 +212,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "overrides": args.overrides, "warmup_steps": args.warmup, "rows": [],
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         runs = ([("bare loop", 1)] if not args.no_bare else []) + ([("Ray Train", n) for n in args.workers] if args.ray else [])
+        if args.compare:
+            runs += [(f"Ray Train + {' '.join(args.compare)}", n) for n in args.workers if args.ray and n > 1]
         for label, workers in runs:
-            cfg = bench_config(args, data_dir, base.ray.storage_path)
+            cfg = bench_config(args, data_dir, base.ray.storage_path, args.compare if label.startswith("Ray Train +") else [])
             summary = run_bare(cfg) if label == "bare loop" else run_ray(cfg, workers)
             report["rows"].append(figures(label, summary, base, workers, args.warmup, peak))
             add_ratios(report["rows"])

@@ -34,6 +34,7 @@ def schema(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
 
 
 AUTOCAST_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DDP_GRAD_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce under several workers (raypipe/parallel.py)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -136,6 +137,9 @@ def validate(cfg, origin: str = "config") -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             fail(f"train.{name}", getattr(t, name), "must be in [0, 1)")
+    if t.ddp_grad_dtype not in DDP_GRAD_DTYPES:
+        fail("train.ddp_grad_dtype", t.ddp_grad_dtype, f"expected one of {', '.join(DDP_GRAD_DTYPES)}")
+    positive(t, "ddp_bucket_mb", "train")
     if t.dtype not in AUTOCAST_DTYPES:
         fail("train.dtype", t.dtype, f"expected one of {', '.join(AUTOCAST_DTYPES)}")
     if t.sample_tokens and t.num_samples < 1:
