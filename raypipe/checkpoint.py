@@ -10,8 +10,9 @@ directory name and Ray merges them in storage):
   config.json         the resolved run config
   data_meta.json      the data's meta.json (its checksums identify the data), tokenizer.json beside it
   rank_<r>.json       rank r's digest of its rank_<r>.pt (each rank writes its own; Ray merges them)
-  manifest.json       every file rank 0 wrote with its size and sha256: a checkpoint missing a file or
-                      holding a truncated or altered one is refused, by name, before anything is loaded
+  manifest.json       every file rank 0 wrote with its size and sha256 (of 64 MiB blocks for large files,
+                      see file_digest): a checkpoint missing a file or holding a truncated or altered
+                      one is refused, by name, before anything is loaded
 
 The learning-rate schedule is a pure function of the step (optim.lr_at), so the step restores it.
 Nothing is unpickled beyond tensors and plain containers: a checkpoint from elsewhere cannot run code.
@@ -19,6 +20,7 @@ Nothing is unpickled beyond tensors and plain containers: a checkpoint from else
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +30,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,7 +51,7 @@ def is_checkpoint_step(step: int, last_step: int, eval_interval: int, checkpoint
     """Checkpoints come with evaluations: every checkpoint_interval steps (None: every evaluation) and at
     the last step of the run."""
     return step == last_step or step % (checkpoint_interval or eval_interval) == 0
-MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and sha256, rank files digested in rank_<r>.json
+MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and digests (file_digest), rank files in rank_<r>.json
 
 
 class CheckpointError(UserError):
@@ -98,55 +100,36 @@ def restore_rank_state(rank_state: dict, sampler, device: torch.device) -> None:
 # --- writing -----------------------------------------------------------------------------------------
 
 
-class DigestWriter:
-    """A binary file that computes its sha256 while it is written. A large piece is hashed on a second
-    thread during its own write (both drop the GIL), so the digest costs about max(write, hash)
-    instead of their sum; each piece is done with before write() returns (no copy of it is kept)."""
-
-    LARGE = 1 << 20
-
-    def __init__(self, path: Path):
-        self.file, self.sha, self.size = open(path, "wb"), hashlib.sha256(), 0
-        self.pool = ThreadPoolExecutor(1)
-
-    def write(self, data) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) >= self.LARGE:
-            hashing = self.pool.submit(self.sha.update, view)
-            self.file.write(view)
-            hashing.result()
-        else:
-            self.sha.update(view)
-            self.file.write(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self.file.flush()
-
-    def close(self) -> dict:
-        """{"size": bytes, "sha256": hex}, once the file is closed."""
-        self.pool.shutdown()
-        self.file.close()
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
+DIGEST_BLOCK = 64 << 20  # bytes hashed per task: files are digested block by block, in parallel
+DIGEST_THREADS = min(16, os.cpu_count() or 1)
 
 
-def _write_digested(path: Path, write: Callable) -> dict:
-    writer = DigestWriter(path)
+def _block_sha256(path: Path, offset: int, length: int) -> bytes:
+    sha, fd = hashlib.sha256(), os.open(path, os.O_RDONLY)
     try:
-        write(writer)
-    except BaseException:
-        writer.close()
-        raise
-    return writer.close()
-
-
-def file_digest(path: Path) -> dict:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
+        while length > 0:  # os.pread and hashlib both drop the GIL: the blocks are hashed in parallel
+            chunk = os.pread(fd, min(length, 16 << 20), offset)
+            if not chunk:
+                break
             sha.update(chunk)
-    return {"size": path.stat().st_size, "sha256": sha.hexdigest()}
+            offset, length = offset + len(chunk), length - len(chunk)
+    finally:
+        os.close(fd)
+    return sha.digest()
+
+
+def file_digest(path: Path, pool: Optional[ThreadPoolExecutor] = None) -> dict:
+    """{"size": bytes, "sha256": hex}. Up to one block the plain sha256 of the file (`sha256sum` gives
+    the same); a larger file's is the sha256 of its blocks' sha256s (64 MiB blocks, in order), so a
+    2 GB checkpoint is hashed on every core instead of one, when writing and when verifying."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size <= DIGEST_BLOCK:
+        return {"size": size, "sha256": _block_sha256(path, 0, size).hex()}
+    offsets = range(0, size, DIGEST_BLOCK)
+    with (contextlib.nullcontext(pool) if pool else ThreadPoolExecutor(DIGEST_THREADS)) as workers:
+        blocks = list(workers.map(lambda offset: _block_sha256(path, offset, DIGEST_BLOCK), offsets))
+    return {"size": size, "sha256": hashlib.sha256(b"".join(blocks)).hexdigest()}
 
 
 def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dict,
@@ -155,8 +138,8 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
                     copy_files: Optional[dict[str, Path]] = None) -> Path:
     """Write `parent/name` through a temporary sibling and one rename: a crash leaves no partial
     directory under the final name. Rank 0 passes model, optimizer, config and state. Every file's
-    size and sha256 are recorded (manifest.json; rank_<r>.json for each rank's own file)."""
-    from safetensors.torch import save as safetensors_bytes
+    size and digest are recorded (manifest.json; rank_<r>.json for each rank's own file)."""
+    from safetensors.torch import save_file
 
     parent = Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
@@ -164,24 +147,21 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=parent))
     try:
         rank_file = f"rank_{rank}.pt"
-        digest = _write_digested(tmp / rank_file, lambda f: torch.save(rank_state, f))
-        (tmp / f"rank_{rank}.json").write_text(json.dumps({"file": rank_file, **digest}) + "\n")
+        torch.save(rank_state, tmp / rank_file)
+        (tmp / f"rank_{rank}.json").write_text(json.dumps({"file": rank_file, **file_digest(tmp / rank_file)}) + "\n")
         if rank == 0:
             weights = model.state_dict()
             if config.model.tie_embeddings:  # safetensors stores a shared tensor once: drop the alias
                 weights.pop("lm_head.weight")
-            blob = safetensors_bytes({k: v.detach().contiguous() for k, v in weights.items()})
-            files = {"model.safetensors": _write_digested(tmp / "model.safetensors", lambda f: f.write(blob))}
-            del blob
-            files["optimizer.pt"] = _write_digested(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
-            texts = {"state.json": json.dumps(state, indent=1) + "\n",
-                     "config.json": json.dumps(config.to_dict(), indent=1) + "\n"}
-            for dest, text in texts.items():
-                data = text.encode()
-                files[dest] = _write_digested(tmp / dest, lambda f, data=data: f.write(data))
+            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
             for dest, src in (copy_files or {}).items():
                 shutil.copyfile(src, tmp / dest)
-                files[dest] = file_digest(tmp / dest)
+            names = ["model.safetensors", "optimizer.pt", "state.json", "config.json", *(copy_files or {})]
+            with ThreadPoolExecutor(DIGEST_THREADS) as pool:  # read back from the page cache, on every core
+                files = {name: file_digest(tmp / name, pool) for name in names}
             manifest = {"version": MANIFEST_VERSION, "files": files, "world_size": state["world_size"]}
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         if final.exists():

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -43,9 +44,9 @@ def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, out: s
         # Counting sequences from random starts: learnable in a few steps, so the curve has a shape.
         starts = torch.randint(0, VOCAB, (MICRO_BATCHES, MICRO, 1), generator=torch.Generator().manual_seed(step))
         tokens = (starts + torch.arange(BLOCK + 1)) % VOCAB
-        mine = iter(tokens[rank::world])
-        losses.append(forward_backward(model, lambda: (lambda x: (x[:, :-1], x[:, 1:]))(next(mine)),
-                                       MICRO_BATCHES // world, contextlib.nullcontext(), scaler))
+        mine = iter([(x[:, :-1], x[:, 1:]) for x in tokens[rank::world]])
+        losses.append(forward_backward(model, partial(next, mine), MICRO_BATCHES // world,
+                                       contextlib.nullcontext(), scaler))
         clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
