@@ -1,4 +1,4 @@
-"""Forward + backward time of the seed recipe's attention per SDPA backend (GPU only); prints one line each.
+"""Forward + backward time of the reference recipe's attention per SDPA backend (GPU only); prints one line each.
 
     python benchmarks/bench_attention.py
 

@@ -1,4 +1,4 @@
-"""Data-parallel variants of the seed recipe's step on every GPU of one host; prints tokens/s and scaling.
+"""Data-parallel variants of the reference recipe's step on every GPU of one host; prints tokens/s and scaling.
 
     python benchmarks/bench_ddp.py --micro 256 128 --variants ddp nobcast nobcast+view+bf16 --profile nobcast
 

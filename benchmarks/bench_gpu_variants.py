@@ -1,4 +1,4 @@
-"""Compiled training steps of the seed recipe under variants, one process, one GPU; prints tokens/s each.
+"""Compiled training steps of the reference recipe under variants, one process, one GPU; prints tokens/s each.
 
     python benchmarks/bench_gpu_variants.py base unfused mb512 unfused+mb512 cdt+mb512 autotune+mb512
     python benchmarks/bench_gpu_variants.py --profile base     # also a torch.profiler table of one step

@@ -37,6 +37,7 @@ import torch
 
 from .config import Config, ConfigError, load_config
 from .data import dtype_for_vocab, write_dataset
+from .errors import UserError
 from .model import flops_per_token
 
 
@@ -87,7 +88,7 @@ def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, p
     t = cfg.train  # the effective batch is the config's at every worker count
     times = summary["step_times_s"][warmup:]
     waits = summary["data_wait_s"][warmup:]
-    tokens_per_step = t.batch_size * t.block_size * t.grad_accum_steps
+    tokens_per_step = t.tokens_per_step(1)  # N workers split this batch between them
     tokens_per_s = tokens_per_step * len(times) / sum(times)
     flops = flops_per_token(cfg.model, summary["num_params"], t.block_size)
     return {
@@ -174,7 +175,7 @@ def table(rows: list[dict], peak: float, device: str) -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m raypipe.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="configs/gemma3-270m.yaml", help="run config (default: the seed recipe)")
+    p.add_argument("--config", default="configs/gemma3-270m.yaml", help="run config (default: the reference recipe)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--steps", type=int, default=20, help="measured optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="optimizer steps run first and not counted")
@@ -204,7 +205,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 check_workers(base, n)  # before any run, not after the bare one
             if args.compare:
                 bench_config(args, data_dir, str(Path(tmp) / "runs"), args.compare)  # a bad key fails now
-        except ConfigError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         peak = measure_peak_flops(device)

@@ -1,8 +1,8 @@
-"""Token memmaps: the on-disk layout, its validation, and random-window batches (the seed's get_batch).
+"""Token memmaps: the on-disk layout, its validation, and random-window batches (the reference script's get_batch).
 
 A data directory holds `train.bin` and `val.bin` (flat token ids, uint16 or uint32) and `meta.json`
 (vocab size, dtype, token count per split, tokenizer). Batches are random windows of `block_size`
-tokens; `y` is `x` shifted by one. A fresh memmap is opened per batch, as in the seed (a long-lived
+tokens; `y` is `x` shifted by one. A fresh memmap is opened per batch, as in the reference script (a long-lived
 memmap keeps pages resident and grows the process' memory).
 """
 
