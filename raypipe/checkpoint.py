@@ -40,6 +40,7 @@ from .errors import UserError
 from .model import GemmaLM
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and digests (file_digest), rank files in rank_<r>.json
 CHECKPOINT_GLOB = "checkpoint_0*"  # checkpoint_<step, 7 digits>: names sort by step
 
 
@@ -51,7 +52,6 @@ def is_checkpoint_step(step: int, last_step: int, eval_interval: int, checkpoint
     """Checkpoints come with evaluations: every checkpoint_interval steps (None: every evaluation) and at
     the last step of the run."""
     return step == last_step or step % (checkpoint_interval or eval_interval) == 0
-MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and digests (file_digest), rank files in rank_<r>.json
 
 
 class CheckpointError(UserError):
@@ -288,10 +288,11 @@ def load_model_weights(model: GemmaLM, weights: dict, path: Path) -> GemmaLM:
     return model
 
 
-def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu") -> GemmaLM:
-    """A fresh model of the checkpoint's shape with its weights."""
+def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", *, verified: bool = False) -> GemmaLM:
+    """A fresh model of the checkpoint's shape with its weights (`verified`: the caller has just run verify)."""
     d = Path(checkpoint_dir)
-    verify(d)
+    if not verified:
+        verify(d)
     model = GemmaLM(read_config(d).model)
     try:
         load_model_weights(model, _load_weights(d / "model.safetensors"), d / "model.safetensors")

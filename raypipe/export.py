@@ -172,7 +172,7 @@ def write_export(checkpoint: Path, out: Path) -> list[str]:
     tok_file = meta.get("tokenizer", {}).get("file")
     has_tok = bool(tok_file) and eot_id is not None and (checkpoint / tok_file).is_file()
     eot = eot_token(checkpoint / tok_file, eot_id) if has_tok else None
-    model = load_model(checkpoint)
+    model = load_model(checkpoint, verified=True)  # export() verified it before anything was read
     state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if not k.startswith("lm_head.")}
     if not model.cfg.tie_embeddings:
         state["lm_head.weight"] = model.lm_head.weight.detach().contiguous()

@@ -19,7 +19,7 @@ from .checkpoint import (CHECKPOINT_GLOB, MANIFEST, CheckpointError, check_compa
                          read_config, verify)
 from .config import Config, ConfigError, apply_override, load_config, print_config
 from .data import DataError, validate_data
-from .driver import RunFailed, check_wandb_login, local_data_dir, local_misfit, run
+from .driver import RunFailed, check_wandb_login, local_misfit, run
 from .errors import UserError
 from .model import GemmaLM
 from .staging import is_uri, read_remote_meta
@@ -105,7 +105,7 @@ def resolve_resume(path: str) -> tuple[Optional[Path], Path]:
 
 def dry_run(cfg: Config) -> None:
     t = cfg.train
-    data_note = ""
+    data_note, meta = "", None
     try:
         if is_uri(cfg.data.dir):  # meta.json only: the copy to each node is made when the run starts
             meta, _ = read_remote_meta(cfg.data.dir)
@@ -125,9 +125,8 @@ def dry_run(cfg: Config) -> None:
         else:
             raise
     check_wandb_login(cfg)
-    if cfg.resume_from:  # as the run does before Ray starts
-        meta_here = validate_data(local_data_dir(cfg), t.block_size, cfg.model.vocab_size)
-        check_compatible(cfg.resume_from, cfg, meta_here, cfg.ray.num_workers)
+    if cfg.resume_from and meta is not None:  # as the run does before Ray starts (no data yet: said above)
+        check_compatible(cfg.resume_from, cfg, meta, cfg.ray.num_workers)
     with torch.device("meta"):  # shapes only: no memory, no init time, even for the 270M recipe
         model = GemmaLM(cfg.model)
     per_step = t.tokens_per_step(cfg.ray.num_workers)
