@@ -64,6 +64,12 @@ class ModelConfig:
     # Compute only: the output matmul runs on a vocabulary padded to this multiple (aligned GPU
     # kernels); the padded logits get -inf and are never seen. Weights keep vocab_size rows. 0: off.
     vocab_pad_multiple: int = 128
+    # Compute only: how training computes causal attention. "auto": explicit matmuls on GPU up to 256
+    # positions (faster there at these head widths, BENCHMARKS.md), else SDPA; "sdpa"; "matmul".
+    attention: str = "auto"
+    # Compute only: raypipe's Triton kernels for the cross-entropy and the gated GELU on GPU
+    # (raypipe/kernels.py; the same mathematics, faster); false: PyTorch's own everywhere.
+    fused_kernels: bool = True
 
 
 @dataclass

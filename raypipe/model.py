@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .kernels import cross_entropy, gated_gelu
 
 
 ROPE_POSITIONS = 2048  # rotary tables precomputed for this many positions; longer inputs extend them
@@ -79,6 +80,7 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.window = cfg.sliding_window if is_sliding(cfg, layer) else None
         self.scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+        self.kernel = cfg.attention
         self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=False)
@@ -100,12 +102,45 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)
         gqa = self.n_kv_head != self.n_head  # grouped-query: SDPA shares each KV head, no copies
         if start == 0 and (self.window is None or T <= self.window):
-            # Within the window a sliding layer is plain causal attention: the flash path, no mask.
+            # Within the window a sliding layer is plain causal attention: no mask to build.
+            if use_matmul_attention(self.kernel, q):
+                return self.o_proj(matmul_attention(q, k, v, self.scale))
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
             mask = attention_mask(start, T, k.shape[2], self.window, x.device)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+MATMUL_ATTENTION_MAX_T = 256  # "auto" takes the matmul path on GPU up to this context (BENCHMARKS.md)
+
+
+def use_matmul_attention(kernel: str, q: torch.Tensor) -> bool:
+    if kernel == "auto":
+        return q.is_cuda and q.shape[2] <= MATMUL_ATTENTION_MAX_T
+    return kernel == "matmul"
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal attention as two batched matmuls and a float32 softmax; [B, H, T, D] q, [B, KV, T, D] k/v
+    -> [B, T, H * D], heads side by side as o_proj takes them.
+
+    At short contexts with wide heads (the recipe: T 128, head dim 256) the fused kernels run far below
+    the GPU's matmul rate (cuDNN's backward alone was 10% of a step), while the T x T scores are small:
+    plain matmuls that the compiler fuses the mask and softmax around are faster. The query heads that
+    share a key/value head are stacked as rows of one matmul (row t * G + g: position t, head g), so the
+    shared head is read once and never copied.
+    """
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    G = H // KV
+    rows = q.reshape(B, KV, G, T, D).transpose(2, 3).reshape(B, KV, T * G, D)
+    scores = torch.matmul(rows, k.transpose(-1, -2)).float() * scale  # [B, KV, T * G, T]
+    position = torch.arange(T * G, device=q.device) // G
+    future = torch.arange(T, device=q.device)[None, :] > position[:, None]
+    probs = scores.masked_fill(future, float("-inf")).softmax(-1).to(v.dtype)
+    y = torch.matmul(probs, v)  # [B, KV, T * G, D]
+    return y.reshape(B, KV, T, G, D).transpose(1, 2).reshape(B, T, H * D)
 
 
 def fused_linear(x: torch.Tensor, *projections: nn.Linear) -> tuple[torch.Tensor, ...]:
@@ -132,10 +167,11 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
         self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+        self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_linear(x, self.gate_proj, self.up_proj)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))  # one matmul for both
+        return self.down_proj(gated_gelu(gate_up, fused=self.fused))
 
 
 class Block(nn.Module):
@@ -217,7 +253,7 @@ class GemmaLM(nn.Module):
         logits = self.output_logits(self.norm(x))
         loss = None
         if targets is not None:  # over the padded width: the -inf columns add nothing
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), fused=self.cfg.fused_kernels)
         return logits[..., :self.cfg.vocab_size], loss
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:

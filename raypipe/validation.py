@@ -34,6 +34,7 @@ def schema(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
 
 
 AUTOCAST_DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("auto", "sdpa", "matmul")  # model.attention (raypipe/model.py)
 DDP_GRAD_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce under several workers (raypipe/parallel.py)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
@@ -107,6 +108,8 @@ def validate(cfg, origin: str = "config") -> None:
     if m.n_head % m.n_kv_head:
         fail("model.n_kv_head", m.n_kv_head, f"must divide model.n_head ({m.n_head})")
     positive(m, "vocab_pad_multiple", "model", allow_zero=True)
+    if m.attention not in ATTENTION_KERNELS:
+        fail("model.attention", m.attention, f"expected one of {', '.join(ATTENTION_KERNELS)}")
     if m.head_dim % 2:
         fail("model.head_dim", m.head_dim, "must be even (rotary embeddings rotate pairs)")
     for name in ("rope_local_base", "rope_global_base"):  # base ** (-i/d): <= 0 gives NaN, 1 no positions
