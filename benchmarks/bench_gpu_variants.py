@@ -1,18 +1,18 @@
 """Compiled training steps of the reference recipe under variants, one process, one GPU; prints tokens/s each.
 
     python benchmarks/bench_gpu_variants.py base unfused mb512 unfused+mb512 cdt+mb512 autotune+mb512
-    python benchmarks/bench_gpu_variants.py sdpa base combo cudagraphs mb512
+    python benchmarks/bench_gpu_variants.py sdpa+plainkernels base combo mb512
     python benchmarks/bench_gpu_variants.py --profile base     # also a torch.profiler table of one step
 
-Each variant joins parts with '+': `base` (the model as committed), `unfused` (q/k/v as
-separate matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 1024 / N: the
-same 1,024 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
-(`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the
-committed "auto"), `combo` (Inductor's combo kernels), `cudagraphs` (`mode="reduce-overhead"`),
-`plainkernels` (`model.fused_kernels: false`: PyTorch's cross-entropy and GELU, compiled by Inductor).
-Steps are the loop's own `forward_backward`, clipping and fused
-AdamW on the compiled model, with random tokens drawn on the GPU (no data loading: `python -m
-raypipe.bench` measures the whole loop). Compare variants of one process: GPUs and machines differ by
+Each variant joins parts with '+': `base` (the model as committed), `unfused` (q/k/v as separate
+matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 1024 / N: the same 1,024
+sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
+(`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
+"auto"), `combo` (Inductor's combo kernels), `cudagraphs`
+(`mode="reduce-overhead"`), `plainkernels` (`model.fused_kernels: false`: PyTorch's cross-entropy and
+GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
+the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
+measures the whole loop). Compare variants of one process: GPUs and machines differ by
 a percent or two.
 """
 
@@ -38,17 +38,16 @@ def unfused_linear(x, *projections):
 
 def apply(variant: str) -> tuple:
     """Set the variant's switches; return (compile mode, micro-batch, accumulation, model.attention,
-    model.fused_kernels)."""
+    model.fused_kernels, combo kernels)."""
     M.fused_linear, inductor_config.coordinate_descent_tuning = FUSED, False
-    inductor_config.combo_kernels = False
-    mode, micro, attention, fused = None, 256, "auto", True
+    mode, micro, attention, fused, combo = None, 256, "auto", True, False
     for part in variant.split("+"):
         if part == "unfused":
             M.fused_linear = unfused_linear
         elif part == "cdt":
             inductor_config.coordinate_descent_tuning = True
         elif part == "combo":
-            inductor_config.combo_kernels = True
+            combo = True
         elif part in ("sdpa", "matmul"):
             attention = part
         elif part == "plainkernels":
@@ -62,16 +61,17 @@ def apply(variant: str) -> tuple:
         elif part != "base":
             raise SystemExit(f"unknown variant part {part!r}")
     torch._dynamo.reset()
-    return mode, micro, 1024 // micro, attention, fused
+    return mode, micro, 1024 // micro, attention, fused, combo
 
 
 def run(variant: str, cfg, profile: bool) -> None:
-    mode, micro, accum, attention, fused = apply(variant)
+    mode, micro, accum, attention, fused, combo = apply(variant)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused))
     device = torch.device("cuda")
     torch.manual_seed(0)
     raw = M.GemmaLM(cfg.model).to(device)
     optimizer = configure_optimizer(raw, cfg.train, "cuda")
+    inductor_config.combo_kernels = combo
     model = torch.compile(raw, mode=mode)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=False)

@@ -64,17 +64,16 @@ if triton is not None:
     def _ce_forward_kernel(logits_ptr, targets_ptr, losses_ptr, lse_ptr, V, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         base = logits_ptr + row * stride
-        m = tl.full([BLOCK], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, V, BLOCK):  # lane-wise online max and sum, combined once at the end
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, V, BLOCK):  # online max and sum: one exp per element, one rescale per block
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            new_m = tl.maximum(m, x)
-            safe = tl.where(new_m == float("-inf"), 0.0, new_m)
-            s = s * tl.exp(m - safe) + tl.exp(x - safe)
+            new_m = tl.maximum(m, tl.max(x, 0))
+            safe = tl.where(new_m == float("-inf"), 0.0, new_m)  # a block of padded columns only
+            s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
             m = new_m
-        top = tl.max(m, 0)
-        lse = top + tl.log(tl.sum(s * tl.exp(m - top), 0))
+        lse = m + tl.log(s)
         target = tl.load(targets_ptr + row)
         picked = tl.load(base + target).to(tl.float32)
         tl.store(losses_ptr + row, lse - picked)
@@ -98,7 +97,7 @@ if triton is not None:
         return 2.0 * tl.sigmoid(2.0 * z) - 1.0
 
     @triton.jit
-    def _gelu_forward_kernel(in_ptr, out_ptr, H, n, C: tl.constexpr, BLOCK: tl.constexpr):
+    def _gelu_forward_kernel(in_ptr, out_ptr, H: tl.constexpr, n, C: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         row, col = i // H, i % H
@@ -108,7 +107,7 @@ if triton is not None:
         tl.store(out_ptr + i, (0.5 * gate * (1.0 + t) * up).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gelu_backward_kernel(in_ptr, grad_ptr, out_ptr, H, n, C: tl.constexpr, BLOCK: tl.constexpr):
+    def _gelu_backward_kernel(in_ptr, grad_ptr, out_ptr, H: tl.constexpr, n, C: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < n
         row, col = i // H, i % H
@@ -125,8 +124,8 @@ if triton is not None:
 
 # --- custom ops: opaque to torch.compile (fake kernels give shapes), gradients registered -------------
 
-CE_BLOCK = 4096
-GELU_BLOCK = 1024
+CE_BLOCK, CE_WARPS = 4096, 8  # columns per loop iteration of a row; benchmarks/bench_kernels.py
+GELU_BLOCK, GELU_WARPS = 1024, 4  # elements per program
 
 
 @torch.library.custom_op("raypipe::ce_forward", mutates_args=())
@@ -134,7 +133,7 @@ def _ce_forward(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tens
     N, V = logits.shape
     losses = torch.empty(N, device=logits.device, dtype=torch.float32)
     lse = torch.empty_like(losses)
-    _ce_forward_kernel[(N,)](logits, targets, losses, lse, V, logits.stride(0), BLOCK=CE_BLOCK, num_warps=8)
+    _ce_forward_kernel[(N,)](logits, targets, losses, lse, V, logits.stride(0), BLOCK=CE_BLOCK, num_warps=CE_WARPS)
     return losses, lse
 
 
@@ -148,7 +147,7 @@ def _ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
     N, V = logits.shape
     out = torch.empty_like(logits)
     _ce_backward_kernel[(N,)](logits, targets, lse, grad.contiguous(), out, V, logits.stride(0), out.stride(0),
-                              BLOCK=CE_BLOCK, num_warps=8)
+                              BLOCK=CE_BLOCK, num_warps=CE_WARPS)
     return out
 
 
@@ -175,7 +174,8 @@ def _gelu_forward(gate_up: torch.Tensor) -> torch.Tensor:
     M, H2 = gate_up.shape
     out = gate_up.new_empty(M, H2 // 2)
     n = out.numel()
-    _gelu_forward_kernel[(triton.cdiv(n, GELU_BLOCK),)](gate_up, out, H2 // 2, n, C=SQRT_2_OVER_PI, BLOCK=GELU_BLOCK)
+    _gelu_forward_kernel[(triton.cdiv(n, GELU_BLOCK),)](gate_up, out, H2 // 2, n, C=SQRT_2_OVER_PI,
+                                                        BLOCK=GELU_BLOCK, num_warps=GELU_WARPS)
     return out
 
 
@@ -189,7 +189,7 @@ def _gelu_backward(gate_up: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(gate_up)
     n = grad.numel()
     _gelu_backward_kernel[(triton.cdiv(n, GELU_BLOCK),)](gate_up, grad.contiguous(), out, gate_up.shape[1] // 2, n,
-                                                         C=SQRT_2_OVER_PI, BLOCK=GELU_BLOCK)
+                                                         C=SQRT_2_OVER_PI, BLOCK=GELU_BLOCK, num_warps=GELU_WARPS)
     return out
 
 

@@ -254,6 +254,11 @@ class GemmaLM(nn.Module):
         loss = None
         if targets is not None:  # over the padded width: the -inf columns add nothing
             loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), fused=self.cfg.fused_kernels)
+        if loss is not None:
+            # Gradients flow through the loss. Logits returned beside it are for looking at: were they
+            # differentiable, the compiled backward would add their (zero) gradient to the loss's,
+            # one more pass over the 50k-wide logits per micro-batch (4% of a recipe step on an H100).
+            logits = logits.detach()
         return logits[..., :self.cfg.vocab_size], loss
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -267,3 +272,12 @@ class GemmaLM(nn.Module):
 def flops_per_token(cfg: ModelConfig, num_params: int, block_size: int) -> float:
     """Training FLOPs per token, nanoGPT's count: 6N + 12 * layers * heads * head_dim * T."""
     return 6 * num_params + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * block_size
+
+
+def matmul_flops_per_token(cfg: ModelConfig, block_size: int) -> float:
+    """Training FLOPs per token counted by matmul work: 6 x the weights that multiply (every projection
+    and the output head, tied or not; not the input embedding, a lookup, nor the norm gains) plus
+    nanoGPT's 12 * layers * heads * head_dim * T for attention."""
+    d, q, kv = cfg.n_embd, cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim
+    per_layer = 2 * d * q + 2 * d * kv + 3 * d * cfg.mlp_hidden  # q, o; k, v; gate, up, down
+    return 6 * (cfg.n_layer * per_layer + cfg.vocab_size * d) + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * block_size
