@@ -310,20 +310,28 @@ def load_for_resume(checkpoint_dir: str | Path, rank: int) -> Resume:
                   state=load_state(d), rank_state=_torch_load(d / f"rank_{rank}.pt"))
 
 
+COMPUTE_ONLY = ("init_std", "attention", "fused_kernels")  # model keys a resume may change: the weights load alike
+
+
+def data_checksums(meta) -> Optional[dict]:
+    """The sha256 of every token file a data meta.json lists, in either layout (single files or shards)."""
+    return {k: meta[k] for k in ("sha256", "shards") if meta.get(k)} if isinstance(meta, dict) else None
+
+
 def check_compatible(checkpoint_dir: str | Path, cfg: Config, data_meta: dict, world_size: int) -> None:
     """Refuse a checkpoint of another model shape, other data or another world size, naming what differs."""
     d = Path(checkpoint_dir)
     theirs = read_config(d)
     diffs = [f"model.{k}: checkpoint {v!r}, run {getattr(cfg.model, k)!r}"
-             for k, v in vars(theirs.model).items() if getattr(cfg.model, k) != v and k != "init_std"]
+             for k, v in vars(theirs.model).items() if getattr(cfg.model, k) != v and k not in COMPUTE_ONLY]
     if diffs:
         raise CheckpointError(f"{d} holds another model shape: " + "; ".join(diffs))
     meta_path = d / "data_meta.json"
     their_meta = _read_json(meta_path, "the data's meta.json") if meta_path.is_file() else {}
-    their_data = their_meta.get("sha256") if isinstance(their_meta, dict) else None
-    if their_data != data_meta.get("sha256"):
+    their_data, ours = data_checksums(their_meta), data_checksums(data_meta)
+    if their_data != ours:
         raise CheckpointError(f"{d} was trained on other data: its data_meta.json checksums {their_data} "
-                              f"differ from {cfg.data.dir}/meta.json's {data_meta.get('sha256')}")
+                              f"differ from {cfg.data.dir}/meta.json's {ours}")
     theirs_ws = load_state(d)["world_size"]
     if theirs_ws != world_size:
         raise CheckpointError(f"{d} was written by {theirs_ws} worker(s), this run has {world_size}: each rank's "

@@ -30,7 +30,8 @@ from .validation import schema, type_hints, validate
 class DataConfig:
     dir: str = "data/embedded"  # a path, or a URI (s3://, gs://, file://...) copied to each node's cache_dir
     # "embedded": the project's own story corpus, generated and tokenized into `dir` when missing.
-    # "prepared": `dir` must already hold train.bin / val.bin / meta.json (python -m raypipe.prepare).
+    # "prepared": `dir` must already hold meta.json and its token files (python -m raypipe.prepare): train.bin / val.bin,
+    # or train-00000.bin ... / val-00000.bin ... shards listed in meta.json.
     source: str = "embedded"
     num_stories: int = 12000  # embedded corpus size (about 4 MB of text)
     tokenizer_vocab: int = 512  # byte-level BPE trained on the embedded corpus

@@ -1,9 +1,15 @@
 """Token memmaps: the on-disk layout, its validation, and random-window batches (the reference script's get_batch).
 
-A data directory holds `train.bin` and `val.bin` (flat token ids, uint16 or uint32) and `meta.json`
-(vocab size, dtype, token count per split, tokenizer). Batches are random windows of `block_size`
-tokens; `y` is `x` shifted by one. A fresh memmap is opened per batch, as in the reference script (a long-lived
-memmap keeps pages resident and grows the process' memory).
+A data directory holds `meta.json` (vocab size, dtype, token count per split, tokenizer) and the token
+files (flat token ids, uint16 or uint32) in one of two layouts: `train.bin` and `val.bin`, or shards
+`train-00000.bin`, ..., `val-00000.bin`, ... listed in meta.json's `shards` (datafiles.split_files gives
+the files of a split for both; a single file is one shard).
+
+Batches are random windows of `block_size` tokens; `y` is `x` shifted by one. A window never crosses a
+shard boundary: one draw over the window starts of all shards of the split, mapped to (shard, offset), so
+a single-file directory draws the same windows as it always did. A fresh memmap is opened per batch for
+each shard it touches, as in the reference script (a long-lived memmap keeps pages resident and grows the
+process' memory).
 """
 
 from __future__ import annotations
@@ -20,8 +26,8 @@ import numpy as np
 import torch
 
 # The layout and the writer are in datafiles.py, without torch, for prepare; still importable from here.
-from .datafiles import (TOKEN_DTYPES, SPLITS, DataError, DatasetWriter, check_meta, dtype_for_vocab,  # noqa: F401
-                        parse_meta, write_dataset)
+from .datafiles import (TOKEN_DTYPES, SPLITS, DataError, DatasetWriter, Shard, check_meta,  # noqa: F401
+                        dtype_for_vocab, parse_meta, split_files, write_dataset)
 
 
 def read_meta(data_dir: str | Path) -> dict:
@@ -32,7 +38,8 @@ def read_meta(data_dir: str | Path) -> dict:
         raise DataError(f"data directory {data_dir} does not exist; prepare it with "
                         "`python -m raypipe.prepare` or use data.source: embedded")
     if not meta_path.is_file():
-        raise DataError(f"{meta_path} is missing: a data directory needs train.bin, val.bin and meta.json")
+        raise DataError(f"{meta_path} is missing: a data directory needs meta.json and its token files "
+                        "(train.bin and val.bin, or train-NNNNN.bin and val-NNNNN.bin shards)")
     try:
         raw = meta_path.read_bytes()
     except OSError as e:
@@ -41,6 +48,7 @@ def read_meta(data_dir: str | Path) -> dict:
 
 
 VERIFIED = ".verified.json"  # sidecar: which .bin files (by stat, ctime included) were already read in full
+# Its entries are keyed by file name less ".bin" ("train" for train.bin, "train-00000" for a shard).
 
 
 def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[int] = None,
@@ -61,23 +69,30 @@ def validate_data(data_dir: str | Path, block_size: int, vocab_size: Optional[in
     if meta["vocab_size"] > np.iinfo(TOKEN_DTYPES[meta["dtype"]]).max + 1:
         raise DataError(f"{data_dir / 'meta.json'}: dtype {meta['dtype']} cannot hold vocab_size "
                         f"{meta['vocab_size']}; expected {dtype_for_vocab(meta['vocab_size'])}")
-    for split in SPLITS:
-        path = data_dir / f"{split}.bin"
-        if not path.is_file():
-            raise DataError(f"{path} is missing")
-        size = path.stat().st_size
-        if size % itemsize:
-            raise DataError(f"{path}: {size} bytes is not a multiple of {itemsize} "
-                            f"(meta.json says dtype {meta['dtype']}); the file is truncated or of another dtype")
-        n = size // itemsize
-        expected = meta["tokens"][split]
-        if n != expected:
-            other = [d for d, t in TOKEN_DTYPES.items() if d != meta["dtype"] and expected * np.dtype(t).itemsize == size]
-            hint = f"; its size fits {other[0]}, not meta.json's dtype {meta['dtype']}" if other else ""
-            raise DataError(f"{path}: holds {n} tokens but meta.json says {expected}{hint}")
-        if n <= block_size:
-            raise DataError(f"{path}: {n} tokens is not more than train.block_size ({block_size}); "
-                            "a window of block_size + 1 tokens must fit (lower block_size or add data)")
+    sharded = "shards" in meta
+    for split, shards in split_files(meta).items():
+        for i, shard in enumerate(shards):
+            path = data_dir / shard.file
+            if not path.is_file():
+                raise DataError(f"{path} is missing" + (f" (meta.json's shards.{split}[{i}])" if sharded else ""))
+            size = path.stat().st_size
+            if size % itemsize:
+                raise DataError(f"{path}: {size} bytes is not a multiple of {itemsize} "
+                                f"(meta.json says dtype {meta['dtype']}); the file is truncated or of another dtype")
+            n, expected = size // itemsize, shard.tokens
+            if n != expected:
+                other = [d for d, t in TOKEN_DTYPES.items()
+                         if d != meta["dtype"] and expected * np.dtype(t).itemsize == size]
+                hint = f"; its size fits {other[0]}, not meta.json's dtype {meta['dtype']}" if other else ""
+                raise DataError(f"{path}: holds {n} tokens but meta.json says {expected}{hint}")
+        if window_starts(shards, block_size).sum() >= 1:
+            continue
+        if not sharded:
+            raise DataError(f"{data_dir / shards[0].file}: {shards[0].tokens} tokens is not more than train.block_size "
+                            f"({block_size}); a window of block_size + 1 tokens must fit (lower block_size or add data)")
+        raise DataError(f"{data_dir}: no {split} shard holds more than train.block_size ({block_size}) tokens (the "
+                        f"largest holds {max(sh.tokens for sh in shards)}); a window of block_size + 1 tokens must fit "
+                        "in one shard (lower block_size or add data)")
     if vocab_size is not None and meta["vocab_size"] > vocab_size:
         raise DataError(f"{data_dir / 'meta.json'}: vocab_size {meta['vocab_size']} is larger than "
                         f"model.vocab_size ({vocab_size}); token ids would fall outside the embedding")
@@ -110,7 +125,7 @@ def _stat_key(st: os.stat_result) -> dict:
 
 
 def verify_contents(data_dir: str | Path, meta: dict) -> None:
-    """Checksums and token-id range of each `.bin` (see validate_data); cached in `.verified.json`."""
+    """Checksums and token-id range of each token file (see validate_data); cached in `.verified.json`."""
     data_dir = Path(data_dir)
     sidecar = data_dir / VERIFIED
     try:
@@ -119,12 +134,12 @@ def verify_contents(data_dir: str | Path, meta: dict) -> None:
         cache = {}
     cache = cache if isinstance(cache, dict) else {}
     fresh = {}
-    for split in SPLITS:
-        path = data_dir / f"{split}.bin"
-        expected_sha = meta["sha256"][split]
+    for shard in (shard for shards in split_files(meta).values() for shard in shards):
+        path, name = data_dir / shard.file, Path(shard.file).stem
+        expected_sha = shard.sha256
         # Taken before the read: a write during it moves ctime past the key, so the next start reads again.
         key = {**_stat_key(path.stat()), "dtype": meta["dtype"], "sha256": expected_sha}
-        entry = cache.get(split)
+        entry = cache.get(name)
         if not (isinstance(entry, dict) and {k: entry.get(k) for k in key} == key
                 and isinstance(entry.get("max_id"), int) and isinstance(entry.get("max_at"), int)):
             sha, top, where = _scan(path, TOKEN_DTYPES[meta["dtype"]])
@@ -136,7 +151,7 @@ def verify_contents(data_dir: str | Path, meta: dict) -> None:
             raise DataError(f"{path}: token id {entry['max_id']} (at position {entry['max_at']}) is not below "
                             f"meta.json's vocab_size {meta['vocab_size']}; the data was made with another "
                             "tokenizer or meta.json is wrong")
-        fresh[split] = entry
+        fresh[name] = entry
     if fresh != cache:
         try:  # best effort: a read-only data directory just verifies again next time
             tmp = data_dir / f"{VERIFIED}.tmp-{os.getpid()}"
@@ -160,16 +175,38 @@ def split_seed(seed: int, rank: int, split: str, stream: str = "batches") -> int
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
+def window_starts(shards: list[Shard], block_size: int) -> np.ndarray:
+    """Valid window starts per shard: a window of block_size + 1 tokens stays inside its shard."""
+    return np.array([max(0, sh.tokens - block_size) for sh in shards], dtype=np.int64)
+
+
 def get_batch(split: str, block_size: int, batch_size: int, device: torch.device | str,
               device_type: Optional[str] = None, *, data_dir: str | Path, dtype: str = "uint16",
-              generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows from `{data_dir}/{split}.bin`: x [batch, block], y = x shifted by one (int64)."""
+              generator: Optional[torch.Generator] = None,
+              shards: Optional[list[Shard]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows from the split's token files: x [batch, block], y = x shifted by one (int64).
+
+    `shards` (split_files(meta)[split]) is read from meta.json when not given. One draw over all window
+    starts of the split, each start mapped to its shard and offset, so no window crosses a shard boundary
+    and a single file draws what `randint(len(data) - block_size)` drew.
+    """
     device = torch.device(device)
     device_type = device_type or device.type
-    data = np.memmap(Path(data_dir) / f"{split}.bin", dtype=TOKEN_DTYPES[dtype], mode="r")
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).numpy()
-    windows = data[starts[:, None] + np.arange(block_size + 1)]  # one gather, no per-sample loop
-    windows = torch.from_numpy(windows.astype(np.int64))
+    if shards is None:
+        meta = read_meta(data_dir)
+        shards, dtype = split_files(meta)[split], meta["dtype"]
+    counts = window_starts(shards, block_size)
+    ends = np.cumsum(counts)
+    picks = torch.randint(int(ends[-1]), (batch_size,), generator=generator).numpy()
+    which = np.searchsorted(ends, picks, side="right")  # shards without starts are never picked
+    starts = picks - (ends - counts)[which]
+    windows = np.empty((batch_size, block_size + 1), dtype=np.int64)
+    for i in np.unique(which):
+        rows = which == i
+        data = np.memmap(Path(data_dir) / shards[i].file, dtype=TOKEN_DTYPES[dtype], mode="r")
+        windows[rows] = data[starts[rows, None] + np.arange(block_size + 1)]  # one gather per shard
+        del data
+    windows = torch.from_numpy(windows)
     if device_type == "cuda":  # one pinned buffer, one asynchronous copy; x and y are views of it
         windows = windows.pin_memory().to(device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]
@@ -183,7 +220,8 @@ class BatchSampler:
                  device: torch.device | str, seed: int, rank: int = 0, stream: str = "batches"):
         self.data_dir, self.split = Path(data_dir), split
         self.block_size, self.batch_size, self.device = block_size, batch_size, torch.device(device)
-        self.dtype = read_meta(data_dir)["dtype"]
+        meta = read_meta(data_dir)
+        self.dtype, self.shards = meta["dtype"], split_files(meta)[split]
         self.seed = split_seed(seed, rank, split, stream)
         self.generator = torch.Generator().manual_seed(self.seed)
 
@@ -199,7 +237,7 @@ class BatchSampler:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         return get_batch(self.split, self.block_size, self.batch_size, self.device,
-                         data_dir=self.data_dir, dtype=self.dtype, generator=self.generator)
+                         data_dir=self.data_dir, dtype=self.dtype, generator=self.generator, shards=self.shards)
 
 
 class CudaPrefetcher:
@@ -269,7 +307,13 @@ class CudaPrefetcher:
 def unigram_entropy(data_dir: str | Path, split: str = "val") -> float:
     """Entropy (nats/token) of the split's token frequencies: the loss of a model that knows only them."""
     meta = read_meta(data_dir)
-    tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=TOKEN_DTYPES[meta["dtype"]], mode="r")
-    counts = np.bincount(tokens, minlength=meta["vocab_size"]).astype(np.float64)
+    counts = np.zeros(meta["vocab_size"], dtype=np.int64)
+    for shard in split_files(meta)[split]:
+        tokens = np.memmap(Path(data_dir) / shard.file, dtype=TOKEN_DTYPES[meta["dtype"]], mode="r")
+        found = np.bincount(tokens, minlength=meta["vocab_size"])
+        if found.size > counts.size:  # an id past vocab_size (unverified data): count it all the same
+            counts = np.pad(counts, (0, found.size - counts.size))
+        counts[:found.size] += found
+    counts = counts.astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())

@@ -8,10 +8,11 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import numpy as np
 
@@ -47,8 +48,9 @@ def _bad(where: str, key: str, value, expected: str) -> DataError:
 
 def check_meta(meta, where: str) -> dict:
     """`meta` (parsed meta.json) if it has the shape the code relies on, else a DataError naming `where`, the
-    key and what is expected. Required: vocab_size, dtype, tokens.{train,val}, sha256.{train,val};
-    optional: eot_id, tokenizer.{kind,file,vocab_size}."""
+    key and what is expected. Required: vocab_size, dtype, tokens.{train,val} and exactly one of
+    sha256.{train,val} (single-file layout: train.bin, val.bin) or shards.{train,val} (sharded layout, see
+    split_files); optional: eot_id, tokenizer.{kind,file,vocab_size}."""
     if not isinstance(meta, dict):
         kind = {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(meta), "null")
         raise DataError(f"{where}: holds a JSON {kind}, expected an object with keys "
@@ -59,17 +61,25 @@ def check_meta(meta, where: str) -> dict:
     dtype = meta.get("dtype", _MISSING)
     if not (isinstance(dtype, str) and dtype in TOKEN_DTYPES):
         raise _bad(where, "dtype", dtype, f"one of {', '.join(TOKEN_DTYPES)}")
-    for field, expected in (("tokens", "a token count (an integer >= 0)"),
-                            ("sha256", "a sha256 hex digest (64 characters 0-9a-f)")):
+    if "sha256" in meta and "shards" in meta:
+        raise DataError(f"{where}: holds both key 'sha256' (single-file layout) and key 'shards' (sharded layout); "
+                        "expected exactly one of them")
+    fields = [("tokens", "a token count (an integer >= 0)")]
+    if "shards" not in meta:
+        fields.append(("sha256", "a sha256 hex digest (64 characters 0-9a-f)"))
+    for field, expected in fields:
         entries = meta.get(field, _MISSING)
         if not isinstance(entries, dict):
-            raise _bad(where, field, entries, f"an object with one entry per split ({', '.join(SPLITS)}), each {expected}")
+            other = " (or key 'shards' for a sharded directory)" if field == "sha256" else ""
+            raise _bad(where, field, entries,
+                       f"an object with one entry per split ({', '.join(SPLITS)}), each {expected}{other}")
         for split in SPLITS:
             value = entries.get(split, _MISSING)
-            ok = (_is_int(value) and value >= 0) if field == "tokens" else \
-                (isinstance(value, str) and len(value) == 64 and set(value) <= _HEX)
+            ok = (_is_int(value) and value >= 0) if field == "tokens" else _is_sha(value)
             if not ok:
                 raise _bad(where, f"{field}.{split}", value, expected)
+    if "shards" in meta:
+        _check_shards(meta, where)
     eot = meta.get("eot_id")
     if eot is not None and not (_is_int(eot) and 0 <= eot < vocab):
         raise _bad(where, "eot_id", eot, f"null or a token id from 0 to vocab_size - 1 ({vocab - 1})")
@@ -86,6 +96,58 @@ def check_meta(meta, where: str) -> dict:
     if tok.get("vocab_size") is not None and not (_is_int(tok["vocab_size"]) and tok["vocab_size"] > 0):
         raise _bad(where, "tokenizer.vocab_size", tok["vocab_size"], "a positive integer")
     return meta
+
+
+def _is_sha(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _check_shards(meta: dict, where: str) -> None:
+    """The sharded layout's `shards` (SHARDS rules: plain `{split}-NNNNN.bin` names, unique, tokens >= 1 summing
+    to tokens[split], a sha256 each)."""
+    shards = meta["shards"]
+    if not isinstance(shards, dict):
+        raise _bad(where, "shards", shards, f"an object with a list of shards per split ({', '.join(SPLITS)})")
+    seen: set[str] = set()
+    for split in SPLITS:
+        entries = shards.get(split, _MISSING)
+        if not (isinstance(entries, list) and entries):
+            raise _bad(where, f"shards.{split}", entries,
+                       'a non-empty list of {"file": ..., "tokens": ..., "sha256": ...} objects')
+        for i, entry in enumerate(entries):
+            key = f"shards.{split}[{i}]"
+            if not isinstance(entry, dict):
+                raise _bad(where, key, entry, 'an object {"file": ..., "tokens": ..., "sha256": ...}')
+            file = entry.get("file", _MISSING)
+            if not (isinstance(file, str) and re.fullmatch(rf"{split}-[0-9]{{5,}}\.bin", file)):
+                raise _bad(where, f"{key}.file", file, f'a file name beside meta.json such as "{split}-{i:05d}.bin"')
+            if file in seen:
+                raise _bad(where, f"{key}.file", file, "a file name not listed before (each shard once)")
+            seen.add(file)
+            tokens = entry.get("tokens", _MISSING)
+            if not (_is_int(tokens) and tokens >= 1):
+                raise _bad(where, f"{key}.tokens", tokens, "a token count >= 1 (empty shards are not written)")
+            if not _is_sha(entry.get("sha256", _MISSING)):
+                raise _bad(where, f"{key}.sha256", entry.get("sha256", _MISSING), "a sha256 hex digest (64 characters 0-9a-f)")
+        total = sum(e["tokens"] for e in entries)
+        if total != meta["tokens"][split]:
+            raise DataError(f"{where}: key 'shards.{split}' holds {total} tokens in all but key 'tokens.{split}' "
+                            f"is {meta['tokens'][split]}; expected them equal")
+
+
+class Shard(NamedTuple):
+    """One token file of a split: its name beside meta.json, token count and sha256."""
+    file: str
+    tokens: int
+    sha256: str
+
+
+def split_files(meta: dict) -> dict[str, list[Shard]]:
+    """The token files of each split, in order, for both layouts (meta checked by check_meta): the single-file
+    layout is one shard per split, `{split}.bin`."""
+    if "shards" in meta:
+        return {split: [Shard(e["file"], e["tokens"], e["sha256"]) for e in meta["shards"][split]] for split in SPLITS}
+    return {split: [Shard(f"{split}.bin", meta["tokens"][split], meta["sha256"][split])] for split in SPLITS}
 
 
 def parse_meta(raw: bytes | str, where: str) -> dict:

@@ -79,8 +79,8 @@ def raypipe_kind(d: Path) -> Optional[str]:
             return f"a raypipe checkpoint (it holds {MANIFEST})"
         if (d / "summary.json").exists() or (d.is_dir() and any(CHECKPOINT_DIR.match(p.name) for p in d.iterdir())):
             return "a raypipe run directory (it holds summary.json or checkpoint_* directories)"
-        if (d / "meta.json").exists() and (d / "train.bin").exists():
-            return "a prepared data directory (it holds meta.json and train.bin)"
+        if (d / "meta.json").exists() and ((d / "train.bin").exists() or any(d.glob("train-[0-9]*.bin"))):
+            return "a prepared data directory (it holds meta.json and train.bin or train-NNNNN.bin shards)"
     except OSError:  # unreadable: nothing raypipe could have read there either
         pass
     return None

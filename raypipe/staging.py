@@ -1,10 +1,11 @@
 """Data on a cluster: copy a data directory from a URI or shared path into a node-local cache.
 
 Workers read their token memmaps from local disk (random windows over NFS or S3 would be slow or
-impossible). `stage_data` copies `meta.json`, `train.bin`, `val.bin` and the tokenizer file once per
-node into `<cache>/<name>-<hash of meta.json>/`, verifies the copy against meta.json's sha256, and
-returns that directory. Plain Python + pyarrow (any `pyarrow.fs` URI: s3://, gs://, hdfs://,
-file://, or a local/shared path); no Ray here.
+impossible). `stage_data` copies `meta.json`, the token files of both splits (`train.bin` and `val.bin`,
+or every shard meta.json lists) and the tokenizer file once per node into
+`<cache>/<name>-<hash of meta.json>/`, verifies the copy against meta.json's sha256, and returns that
+directory. Plain Python + pyarrow (any `pyarrow.fs` URI: s3://, gs://, hdfs://, file://, or a
+local/shared path); no Ray here.
 
 Concurrency: every worker of a node calls this at start-up. A file lock makes one of them copy while
 the others wait; the copy goes to a temporary sibling that is renamed into place only once verified,
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from .data import SPLITS, DataError, parse_meta, verify_contents
+from .data import DataError, parse_meta, split_files, verify_contents
 
 CACHE_ENV = "RAYPIPE_DATA_CACHE"  # a node's own cache directory (set in its `ray start` environment)
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "raypipe-data"
@@ -60,7 +61,7 @@ def read_remote_meta(location: str) -> tuple[dict, bytes]:
             raw = f.read()
     except (FileNotFoundError, OSError) as e:
         raise DataError(f"data.dir {location}: cannot read meta.json ({e}); a data directory holds "
-                        "train.bin, val.bin and meta.json (python -m raypipe.prepare)") from None
+                        "meta.json and its token files (python -m raypipe.prepare)") from None
     return parse_meta(raw, f"{location.rstrip('/')}/meta.json"), raw  # every field checked before use
 
 
@@ -83,7 +84,7 @@ def stage_data(location: str, cache_dir: Path) -> Path:
         tmp.mkdir()
         try:
             fs, root = _open(location)
-            files = ["meta.json", *(f"{s}.bin" for s in SPLITS)]
+            files = ["meta.json", *(shard.file for shards in split_files(meta).values() for shard in shards)]
             tokenizer_file = (meta.get("tokenizer") or {}).get("file")
             files += [tokenizer_file] if tokenizer_file else []
             for f in files:

@@ -232,6 +232,13 @@ def test_a_checkpoint_of_another_shape_or_data_is_refused(checkpoint_dir, embedd
     cfg.model.n_layer = 2
     with pytest.raises(CheckpointError, match=r"other data"):
         check_compatible(checkpoint_dir, cfg, {**meta, "sha256": {"train": "0" * 64}}, world_size=1)
+    shards = {split: [{"file": f"{split}-00000.bin", "tokens": meta["tokens"][split], "sha256": sha}]
+              for split, sha in meta["sha256"].items()}
+    sharded = {k: v for k, v in meta.items() if k != "sha256"} | {"shards": shards}
+    with pytest.raises(CheckpointError, match=r"other data"):  # the same tokens in another layout
+        check_compatible(checkpoint_dir, cfg, sharded, world_size=1)
+    cfg.model.attention, cfg.model.fused_kernels = "matmul", False  # compute only: the same weights
+    check_compatible(checkpoint_dir, cfg, meta, world_size=1)
     with pytest.raises(CheckpointError, match=r"written by 1 worker\(s\), this run has 2"):
         check_compatible(checkpoint_dir, cfg, meta, world_size=2)
     # And through the CLI, before Ray starts.
