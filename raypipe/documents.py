@@ -123,7 +123,7 @@ def check_input(path: Path, opts: Options) -> None:
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    _json_text(line.decode("utf-8", "replace"), opts.text_column, path, f"line {number}")
+                    json_text(line.decode("utf-8", "replace"), opts.text_column, path, f"line {number}")
                     break
 
 
@@ -187,7 +187,7 @@ def _decode(data: bytes) -> tuple[str, int, int]:
     return text, _BadBytes.count, first
 
 
-def _json_text(line: str, column: str, path, where: str, obj=None) -> Optional[str]:
+def json_text(line: str, column: str, path, where: str, obj=None) -> Optional[str]:
     """The text of one jsonl record (None for a null), or an error naming the file and the record."""
     if obj is None:
         try:
@@ -231,7 +231,7 @@ def _from_strings(texts: list[str], **counts) -> Documents:
     return Documents(np.frombuffer(b"".join(parts), np.uint8), offsets, texts, **counts)
 
 
-def _from_arrow(arr, **counts) -> Documents:
+def from_arrow(arr, **counts) -> Documents:
     """From a pyarrow string array, without copying its text; nulls and empty strings are dropped (counted)."""
     import pyarrow as pa
 
@@ -309,23 +309,30 @@ def _jsonl_column(data: bytes, column: str):
     return col
 
 
+def txt_documents(data: bytes, txt_split: str, path: str, start: int = 0) -> Documents:
+    """The documents of .txt bytes: a whole file, or the chunk of it that starts at byte `start`."""
+    text, bad, first = _decode(data)
+    return _from_strings([d for d in (p.strip() for p in _TEXT_SEPARATORS[txt_split].split(text)) if d],
+                         nbytes=len(data), bad_bytes=bad, first_bad=f"{path} at byte {start + first}" if bad else "")
+
+
 def read_documents(task: Task, opts: Options) -> Documents:
     """The documents of one task, in file order (see the module docstring for the rules)."""
     if task.fmt == "parquet":
         import pyarrow.parquet as pq
 
-        d = _from_arrow(pq.ParquetFile(task.path).read_row_group(task.start, columns=[opts.text_column]).column(0))
+        d = from_arrow(pq.ParquetFile(task.path).read_row_group(task.start, columns=[opts.text_column]).column(0))
         d.nbytes = int(d.offsets[-1] - d.offsets[0])  # the text's bytes
         return d
     with open(task.path, "rb") as f:
         f.seek(task.start)
         data = f.read(task.end - task.start)
+    if task.fmt == "txt":
+        return txt_documents(data, opts.txt_split, task.path, task.start)
     if task.fmt == "jsonl" and (col := _jsonl_column(data, opts.text_column)) is not None:
-        return _from_arrow(col, nbytes=len(data))
+        return from_arrow(col, nbytes=len(data))
     text, bad, first = _decode(data)
     counts = {"nbytes": len(data), "bad_bytes": bad, "first_bad": f"{task.path} at byte {task.start + first}" if bad else ""}
-    if task.fmt == "txt":
-        return _from_strings([d for d in (p.strip() for p in _TEXT_SEPARATORS[opts.txt_split].split(text)) if d], **counts)
     lines = [line for line in text.split("\n") if line.strip()]
     try:  # one parse of the whole chunk: far fewer Python calls than json.loads per line
         records = json.loads("[" + ",".join(lines) + "]")
@@ -339,7 +346,7 @@ def read_documents(task: Task, opts: Options) -> Documents:
         if not (isinstance(obj, dict) and isinstance(obj.get(opts.text_column), str)):
             # Only here (a null, or an error to report) is the record's byte offset worth computing.
             where = f"the record at byte {task.start + len(text[:text.index(line)].encode('utf-8'))}"
-            doc = _json_text(line, opts.text_column, task.path, where, obj)
+            doc = json_text(line, opts.text_column, task.path, where, obj)
         else:
             doc = obj[opts.text_column]
         if doc:

@@ -2,13 +2,14 @@
 
     python -m raypipe.prepare INPUT... --out DIR --tokenizer {gpt2,bpe:VOCAB,byte,PATH/tokenizer.json}
         [--text-column text] [--val-fraction F | --val INPUT...] [--txt-split {blank,line,eot}]
-        [--workers N] [--ray]
+        [--workers N] [--ray [--shard-docs N]]
 
 Inputs are files, globs or directories of `.txt`, `.jsonl` and `.parquet`; what a document is in each,
 how bytes that are not UTF-8 are handled and how the train/val split is made: raypipe/documents.py.
-Every non-empty document is followed by the end-of-text token. Tokenizing (local processes, or Ray
-Data with --ray) and the streamed, atomic writing of the output: raypipe/tokenize_files.py. This
-module is the CLI, `prepare()` that ties the pieces together, and the Ray Data executor.
+Every non-empty document is followed by the end-of-text token. Tokenizing in local processes and the
+streamed, atomic writing of the output: raypipe/tokenize_files.py. With --ray, a Ray Data pipeline reads
+INPUT paths or URIs, tokenizes and writes a sharded directory or URI prefix in parallel on the cluster:
+raypipe/prepare_ray.py. This module is the CLI and `prepare()` that ties the pieces together.
 """
 
 from __future__ import annotations
@@ -16,55 +17,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
-
-from .datafiles import TOKEN_DTYPES, dtype_for_vocab, remove_stale_temporaries
-from .documents import TXT_SPLITS, Options, PrepareError, Task, check_input, expand_inputs, plan_tasks
+from .datafiles import dtype_for_vocab, remove_stale_temporaries
+from .documents import TXT_SPLITS, Options, PrepareError, check_input, expand_inputs, plan_tasks
 from .errors import UserError
-from .tokenize_files import Progress, Result, build_tokenizer, run_local, tokenize_task, write_token_files
-from .tokenizer import EOT, SPEC_HELP, TokenizerSpec, parse_spec
-
-
-def _ray_row(row: dict, opts: Options, spec: TokenizerSpec, dtype: str) -> dict:
-    r = tokenize_task(Task(**row), opts, spec, dtype)
-    return {**vars(r), "train": r.train.tobytes(), "val": r.val.tobytes()}
-
-
-def run_ray(tasks: list[Task], opts: Options, spec: TokenizerSpec, dtype: str) -> Iterator[Result]:
-    """The same tasks as a Ray Data pipeline (from_items -> map), results streamed back in order.
-
-    Joins the cluster in RAY_ADDRESS or an already initialized Ray, else starts a local one. On a
-    cluster the inputs must be at the same path on every node (shared storage).
-    """
-    from functools import partial
-
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(log_to_driver=False)
-    ctx = ray.data.DataContext.get_current()
-    ordered, ctx.execution_options.preserve_order = ctx.execution_options.preserve_order, True
-    try:
-        ds = ray.data.from_items([asdict(t) for t in tasks], override_num_blocks=max(1, len(tasks)))
-        for row in ds.map(partial(_ray_row, opts=opts, spec=spec, dtype=dtype)).iter_rows():
-            yield Result(**{**row, "train": np.frombuffer(row["train"], TOKEN_DTYPES[dtype]),
-                            "val": np.frombuffer(row["val"], TOKEN_DTYPES[dtype])})
-    finally:
-        ctx.execution_options.preserve_order = ordered
-        if started:
-            ray.shutdown()
+from .tokenize_files import Progress, build_tokenizer, run_local, write_token_files
+from .tokenizer import EOT, SPEC_HELP, parse_spec
 
 
 def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_fraction: float = 0.01,
             val_inputs: Optional[list[str]] = None, text_column: str = "text", txt_split: str = "blank",
             seed: int = 0, eot: str = EOT, workers: Optional[int] = None, use_ray: bool = False,
-            progress: bool = True, log=print) -> dict:
-    """Tokenize `inputs` into `out` (train.bin, val.bin, meta.json, tokenizer.json); return the meta."""
+            shard_docs: int = 16_384, progress: bool = True, log=print) -> dict:
+    """Tokenize `inputs` into `out` (train.bin, val.bin, meta.json, tokenizer.json); return the meta.
+    With `use_ray`: a Ray Data pipeline writing a sharded directory or URI prefix (raypipe/prepare_ray.py)."""
+    if use_ray:
+        from .prepare_ray import prepare_ray
+
+        return prepare_ray(inputs, out, tokenizer, val_fraction=val_fraction, val_inputs=val_inputs,
+                           text_column=text_column, txt_split=txt_split, seed=seed, eot=eot, workers=workers,
+                           shard_docs=shard_docs, progress=progress, log=log)
     out = Path(out)
     parse_spec(tokenizer)  # an unknown spec fails before any reading
     if txt_split not in TXT_SPLITS:
@@ -92,7 +66,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
     dtype = dtype_for_vocab(spec.vocab_size)
     if not workers:
         workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    results = run_ray(tasks, opts, spec, dtype) if use_ray else run_local(tasks, opts, spec, dtype, workers)
+    results = run_local(tasks, opts, spec, dtype, workers)
     source = {"kind": "prepare", "inputs": [str(p) for p in train_paths], "val_inputs": [str(p) for p in val_paths],
               "val_fraction": None if val_paths else val_fraction, "seed": seed, "text_column": text_column,
               "txt_split": txt_split}
@@ -103,7 +77,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m raypipe.prepare",
                                  description="Tokenize text files into raypipe's train.bin / val.bin / meta.json.")
     ap.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .parquet files, globs or directories")
-    ap.add_argument("--out", required=True, help="output directory (must not exist)")
+    ap.add_argument("--out", required=True, help="output directory (must not exist); with --ray also a URI "
+                    "(an empty prefix)")
     ap.add_argument("--tokenizer", required=True, help=SPEC_HELP)
     ap.add_argument("--text-column", default="text", help="jsonl key / parquet column of the text (default: text)")
     val = ap.add_mutually_exclusive_group()
@@ -113,14 +88,17 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="what ends a .txt document: a blank line (default), every line, or a <|endoftext|> line")
     ap.add_argument("--seed", type=int, default=0, help="key of the train/val hash (default: 0)")
     ap.add_argument("--eot", default=EOT, help=f"end-of-text token of a tokenizer.json (default: {EOT})")
-    ap.add_argument("--workers", type=int, default=None, help="tokenizing processes (default: all cores)")
-    ap.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline (RAY_ADDRESS or a local Ray)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="tokenizing processes, with --ray actors (default: all cores; with --ray: the cluster's CPUs)")
+    ap.add_argument("--ray", action="store_true", help="a Ray Data pipeline (RAY_ADDRESS or a local Ray): INPUTs "
+                    "and --out may be URIs (s3://, gs://, file://), the output is sharded")
+    ap.add_argument("--shard-docs", type=int, default=16_384, help="with --ray: documents per batch, so per shard")
     ap.add_argument("--quiet", action="store_true", help="no progress line")
     a = ap.parse_args(argv)
     try:
         prepare(a.inputs, a.out, a.tokenizer, val_fraction=a.val_fraction, val_inputs=a.val,
                 text_column=a.text_column, txt_split=a.txt_split, seed=a.seed, eot=a.eot, workers=a.workers,
-                use_ray=a.ray, progress=not a.quiet)
+                use_ray=a.ray, shard_docs=a.shard_docs, progress=not a.quiet)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,15 +244,6 @@ def test_gpt2_offline_without_cache_fails_at_once(tmp_path, monkeypatch):
     assert str(tmp_path / "cache") in str(e.value)
 
 
-def test_ray_data_pipeline_gives_the_same_bytes(tmp_path, ray_cluster, monkeypatch):
-    write_corpus(tmp_path / "in")
-    monkeypatch.setattr(documents, "CHUNK_BYTES", 20_000)  # several blocks through the pipeline
-    local = prepare([str(tmp_path / "in")], tmp_path / "local", "byte", val_fraction=0.1, workers=2, **QUIET)
-    on_ray = prepare([str(tmp_path / "in")], tmp_path / "ray", "byte", val_fraction=0.1, use_ray=True, **QUIET)
-    assert on_ray == local
-    assert (tmp_path / "ray" / "train.bin").read_bytes() == (tmp_path / "local" / "train.bin").read_bytes()
-
-
 def test_cli_end_to_end(tmp_path):
     write_corpus(tmp_path / "in")
     out = tmp_path / "out"
@@ -367,7 +358,7 @@ def test_arrow_documents_drop_nulls_and_empties_of_a_slice():
 
     for typ in (pa.string(), pa.large_string()):
         arr = pa.array(["zz", "a", None, "", "bé", None, "c", "tail"], typ).slice(1, 6)
-        d = documents._from_arrow(arr)
+        d = documents.from_arrow(arr)
         assert d.strings() == ["a", "bé", "c"] and d.empty == 3
         assert [d.data[a:b].tobytes().decode() for a, b in zip(d.offsets, d.offsets[1:])] == ["a", "bé", "c"]
 
