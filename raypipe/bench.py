@@ -8,8 +8,11 @@ count of `--workers`. Prints one table and writes it as JSON (`--json`).
 
 Figures count only the steps after `--warmup` (compilation, allocator warm-up):
 - tokens/s over all workers, and per device;
-- MFU = tokens/s x flops_per_token / (devices x peak), nanoGPT's count (6N + 12 L H Q T), against
-  the peak dense matmul rate measured here on the spot (bf16 on a GPU, fp32 on a CPU);
+- MFU = tokens/s x FLOPs per token / (devices x peak), against the peak dense matmul rate measured
+  here on the spot (bf16 on a GPU, fp32 on a CPU), by two counts of FLOPs per token: nanoGPT's
+  (`model.flops_per_token`: 6N + 12 L H Q T, N every parameter, the input embedding's too) and the
+  matmul-only count (`model.matmul_flops_per_token`: the input embedding is a lookup, not a matmul; a
+  tied output head counts its matmul);
 - the median optimizer-step time, the peak GPU memory (rank 0), and the host time spent getting
   batches as a share of the step (the loop's wait for data);
 - under Ray: its tokens/s as a share of the bare loop's (same worker count 1) and, for several
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -36,26 +40,14 @@ import numpy as np
 import torch
 
 from .config import Config, ConfigError, load_config
-from .data import dtype_for_vocab, write_dataset
+from .data import dtype_for_vocab, read_meta, write_dataset
 from .errors import UserError
-from .model import flops_per_token
+from .model import flops_per_token, matmul_flops_per_token
+from .throughput import measure_peak_flops
 
-
-def measure_peak_flops(device: torch.device) -> float:
-    """Dense matmul FLOP/s of this device: bf16 8192^3 on a GPU, fp32 1024^3 on a CPU."""
-    cuda = device.type == "cuda"
-    n, dtype, iters = (8192, torch.bfloat16, 30) if cuda else (1024, torch.float32, 10)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    if cuda:
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        a @ b
-    if cuda:
-        torch.cuda.synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start)
+MFU_COUNTS = {"mfu": "nanoGPT's count: 6N + 12 L H Q T, N every parameter (the input embedding's too)",
+              "mfu_matmul": "matmul-only count: 6 x the weights that multiply (no input embedding; a tied head "
+                            "counts its matmul) + 12 L H Q T"}
 
 
 def random_data(directory: Path, vocab_size: int, train_tokens: int = 20_000_000, seed: int = 0) -> str:
@@ -91,17 +83,21 @@ def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, p
     tokens_per_step = t.tokens_per_step(1)  # N workers split this batch between them
     tokens_per_s = tokens_per_step * len(times) / sum(times)
     flops = flops_per_token(cfg.model, summary["num_params"], t.block_size)
+    matmul_flops = matmul_flops_per_token(cfg.model, t.block_size)
     return {
         "run": label, "workers": workers, "steps": len(times), "tokens_per_s": tokens_per_s,
         "tokens_per_s_per_device": tokens_per_s / workers, "mfu": tokens_per_s * flops / (workers * peak),
+        "mfu_matmul": tokens_per_s * matmul_flops / (workers * peak),
         "step_ms": 1000 * statistics.median(times), "peak_gpu_memory_gb": summary["peak_gpu_memory_gb"],
         "data_wait_frac": sum(waits) / sum(times),
     }
 
 
 def run_bare(cfg: Config) -> dict:
+    from .driver import compile_cache_env
     from .loop import WorkerEnv, train
 
+    os.environ.update(compile_cache_env())  # the cache the Ray workers of this node use
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
         summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
@@ -161,15 +157,18 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def table(rows: list[dict], peak: float, device: str) -> str:
-    lines = [f"device: {device} | measured peak: {peak / 1e12:,.1f} TFLOP/s",
-             "| run | workers | tokens/s | tokens/s per device | MFU | step ms | peak GPU GB | data wait | vs bare | scaling |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [f"device: {device} | measured peak: {peak / 1e12:,.1f} TFLOP/s | MFU against it: "
+             f"nanoGPT = {MFU_COUNTS['mfu']}; matmul = {MFU_COUNTS['mfu_matmul']}",
+             "| run | workers | tokens/s | tokens/s per device | MFU nanoGPT | MFU matmul | step ms | peak GPU GB | data wait "
+             "| vs bare | scaling |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         mem = f"{r['peak_gpu_memory_gb']:.1f}" if r["peak_gpu_memory_gb"] is not None else "-"
         vs = f"{r['vs_bare']:.1%}" if "vs_bare" in r else "-"
         scaling = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
         lines.append(f"| {r['run']} | {r['workers']} | {r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | "
-                     f"{r['mfu']:.1%} | {r['step_ms']:.1f} | {mem} | {r['data_wait_frac']:.2%} | {vs} | {scaling} |")
+                     f"{r['mfu']:.1%} | {r['mfu_matmul']:.1%} | {r['step_ms']:.1f} | {mem} | {r['data_wait_frac']:.2%} | "
+                     f"{vs} | {scaling} |")
     return "\n".join(lines)
 
 
@@ -201,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                 raise ConfigError(f"{args.config}: model.vocab_size is null; random tokens need it (or pass --data)")
             data_dir = str(Path(args.data).resolve()) if args.data else random_data(Path(tmp), vocab)
             base = bench_config(args, data_dir, str(Path(tmp) / "runs"))
+            base.model.vocab_size = base.model.vocab_size or read_meta(data_dir)["vocab_size"]  # the FLOP counts need it
             for n in args.workers if args.ray else []:
                 check_workers(base, n)  # before any run, not after the bare one
             if args.compare:
@@ -209,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         peak = measure_peak_flops(device)
-        report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "config": args.config,
+        report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "mfu_counts": MFU_COUNTS,
+                  "config": args.config,
                   "overrides": args.overrides, "warmup_steps": args.warmup, "rows": [],
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
         runs = ([("bare loop", 1)] if not args.no_bare else []) + ([("Ray Train", n) for n in args.workers] if args.ray else [])

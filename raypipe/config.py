@@ -91,7 +91,7 @@ class TrainConfig:
     eval_interval: int = 50  # optimizer steps between evaluations
     checkpoint_interval: Optional[int] = None  # steps between checkpoints, a multiple of eval_interval; None: every eval
     eval_batches: int = 8  # batches per split in estimate_loss
-    log_interval: int = 10  # optimizer steps between per-step loss logs to W&B
+    log_interval: int = 10  # optimizer steps between progress lines (rank 0) and W&B logs of loss, tokens/s and MFU
     stop_at: Optional[int] = None  # stop (with a checkpoint) after this step; the schedule still spans max_steps
     max_nonfinite_steps: int = 5  # consecutive skipped (non-finite) steps before the run stops
     sample_prompt: str = "Once upon a time"  # continued at every eval (logs, W&B table)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -29,6 +30,12 @@ from .errors import UserError
 from .loop import NonFiniteError, WorkerEnv, train
 from .staging import node_cache_dir, stage_data, staging_enabled
 from .tracking import resolve_mode
+
+COMPILE_CACHE_ENV = "RAYPIPE_COMPILE_CACHE"  # a node's own compile cache directory (its `ray start` environment)
+DEFAULT_COMPILE_CACHE = Path(tempfile.gettempdir()) / "raypipe-compile-cache"
+# Ray Train's console lines at every report (the whole metrics dict, each checkpoint's path): they drown
+# the progress line. Its log files under the session's logs/train/ keep them; warnings and errors still show.
+RAY_PER_REPORT_LINES = ("Reporting training result", "Checkpoint successfully created at")
 
 
 class RunFailed(RuntimeError):
@@ -96,6 +103,8 @@ def _train_worker(loop_config: dict) -> dict:
     import ray.train.torch
 
     cfg = Config.from_dict(loop_config["config"])
+    quiet_ray_report_lines()
+    os.environ.update(compile_cache_env())  # before anything compiles: Inductor and Triton read these then
     context = ray.train.get_context()
     rank = context.get_world_rank()
     # After a worker failure (or when a run directory is resumed) Ray hands back the run's latest
@@ -116,8 +125,32 @@ def _train_worker(loop_config: dict) -> dict:
     env = WorkerEnv(rank=rank, world_size=context.get_world_size(),
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
                     out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
-                    data_dir=local_data_dir(cfg))  # this node's verified copy when staging is on
-    return train(cfg, env, resume)
+                    data_dir=local_data_dir(cfg),  # this node's verified copy when staging is on
+                    launch_time=loop_config.get("launch_time"))
+    return {**train(cfg, env, resume), "compile_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
+
+
+def compile_cache_env() -> dict[str, str]:
+    """Where torch.compile keeps its caches on this node, shared by every worker and sweep trial:
+    $RAYPIPE_COMPILE_CACHE, else <tmp>/raypipe-compile-cache (inductor/ and triton/ in it). A
+    TORCHINDUCTOR_CACHE_DIR or TRITON_CACHE_DIR already set is the user's own and stays."""
+    root = Path(os.environ.get(COMPILE_CACHE_ENV) or DEFAULT_COMPILE_CACHE).expanduser()
+    return {key: os.environ.get(key) or str(root / sub)
+            for key, sub in (("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("TRITON_CACHE_DIR", "triton"))}
+
+
+class _DropPerReportLines(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not str(record.msg).startswith(RAY_PER_REPORT_LINES)
+
+
+def quiet_ray_report_lines() -> None:
+    """Keep Ray Train's INFO lines of every report off this worker's console (not off its log files)."""
+    for logger in (logging.getLogger(), logging.getLogger("ray.train")):
+        for handler in logger.handlers:
+            console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if console and not any(isinstance(f, _DropPerReportLines) for f in handler.filters):
+                handler.addFilter(_DropPerReportLines())
 
 
 def _worker_print(line: str) -> None:
@@ -126,9 +159,9 @@ def _worker_print(line: str) -> None:
     print(line, file=sys.__stdout__, flush=True)
 
 
-# Passed on to Ray's workers when set here: NCCL's settings, and the switches that keep NVLink
-# multicast off on shared hosts (NCCL_NVLS_ENABLE=0 and its PyTorch / NVSHMEM twins).
-WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_")
+# Passed on to Ray's workers when set here: NCCL's settings, the switches that keep NVLink multicast
+# off on shared hosts (NCCL_NVLS_ENABLE=0 and its PyTorch / NVSHMEM twins), and compile cache directories.
+WORKER_ENV_PREFIXES = ("NCCL_", "TORCH_SYMM_MEM_", "NVSHMEM_", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
 def worker_env_vars() -> dict[str, str]:
@@ -152,7 +185,7 @@ def init_ray(cfg: Config) -> None:
     refuse_misfit(ray.cluster_resources())  # what it got
 
 
-def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
+def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, launch_time: Optional[float] = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.callback import WorkerCallback  # Ray's hook into worker shutdown
@@ -170,7 +203,7 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None):
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir},
+        train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir, "launch_time": launch_time},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
         run_config=RunConfig(
@@ -197,9 +230,10 @@ def write_outputs(result, cfg: Config, summary: dict) -> None:
             f.write(text.encode())
 
 
-def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
-    """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback)."""
-    wall_start = time.perf_counter()
+def run(cfg: Config, callbacks: Optional[list] = None, launch_time: Optional[float] = None) -> dict:
+    """One training run; `callbacks` are Ray Train callbacks (a sweep passes TuneReportCallback).
+    `launch_time` (time.time()): when the command started, which start-up counts from; None: now."""
+    wall_start, launch_time = time.perf_counter(), launch_time or time.time()
     check_wandb_login(cfg)
     meta = check_data(cfg)
     init_ray(cfg)
@@ -210,7 +244,7 @@ def run(cfg: Config, callbacks: Optional[list] = None) -> dict:
     from ray.train import TrainingFailedError
 
     try:  # Train V2 raises from fit(); older paths return result.error
-        result = make_trainer(cfg, wandb_dir, callbacks).fit()
+        result = make_trainer(cfg, wandb_dir, callbacks, launch_time).fit()
         error = result.error
     except TrainingFailedError as e:
         error = e
@@ -267,8 +301,10 @@ def print_summary(s: dict) -> None:
     beat = "below" if s["final_val_loss"] < s["val_unigram_entropy"] else "NOT below"
     stopped = (f" of {s['max_steps']} (train.stop_at; go on with --resume {s['run_dir']})"
                if s["steps"] < s["max_steps"] else "")
+    mfu = f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else ""
+    compiling = f", compiling {s['compile_s']:.0f}s" if s.get("compile_s") else ""
     print(f"\n[raypipe] done: {s['steps']} steps{stopped}, {s['tokens']:,} tokens in {s['wall_time_s']:.0f}s wall "
-          f"({s['tokens_per_sec'] or 0:,.0f} tokens/s while training)\n"
+          f"({s['tokens_per_sec'] or 0:,.0f} tokens/s steady{mfu}; first step {s['startup_s']:.0f}s after launch{compiling})\n"
           + (f"[raypipe] restarts: {s['restarts']}, skipped non-finite steps: {s['skipped_steps']}\n"
              if s["restarts"] or s["skipped_steps"] else "")
           + f"[raypipe] val loss: final {s['final_val_loss']:.4f}, best {s['best_val_loss']:.4f} (step {s['best_step']}); "

@@ -27,10 +27,11 @@ from .checkpoint import (Resume, capture_rank_state, check_compatible, checkpoin
 from .config import Config
 from .data import BatchSampler, CudaPrefetcher, read_meta
 from .sampling import cut_at, generate
-from .model import GemmaLM
+from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at
 from .parallel import wrap_for_training
 from .provenance import code_version
+from .throughput import CompileWatch, Figures, StepClock, measure_peak_flops, progress_line
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
 
@@ -46,6 +47,7 @@ class WorkerEnv:
     report: Callable[[dict, Optional[Path]], None] = lambda metrics, checkpoint: None
     log: Callable[[str], None] = print
     data_dir: Optional[str] = None  # a node-local copy of cfg.data.dir (raypipe/staging.py); None: cfg.data.dir
+    launch_time: Optional[float] = None  # time.time() the run was launched (start-up counts from it); None: train()'s start
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -195,27 +197,6 @@ class Parts:
     autocast: Any  # the autocast context, or a null one for float32
 
 
-class StepClock:
-    """Wall time of each optimizer step of this session and the host time it waited for batches."""
-
-    def __init__(self, batches: Timed):
-        self.batches, self.start = batches, time.perf_counter()
-        self.step_times: list[float] = []
-        self.data_waits: list[float] = []
-
-    @contextlib.contextmanager
-    def step(self, device: torch.device):
-        start, waited = time.perf_counter(), self.batches.seconds
-        yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.step_times.append(time.perf_counter() - start)
-        self.data_waits.append(self.batches.seconds - waited)
-
-    def tokens_per_sec(self, tokens_per_step: int) -> Optional[float]:
-        return len(self.step_times) * tokens_per_step / sum(self.step_times) if self.step_times else None
-
-
 def optimizer_step(parts: Parts, next_batch: Callable, step: int, t, streak: int, state: RunState,
                    log: Callable[[str], None]) -> tuple[float, float, float, int]:
     """One optimizer step: lr from the schedule, accumulate, clip, update (or skip a non-finite one).
@@ -285,17 +266,22 @@ def checkpoint_data_files(meta: dict, data_dir: str) -> dict[str, Path]:
     return files
 
 
-def summarize(state: RunState, clock: StepClock, steps_run: int, tokens_per_step: int, parts: Parts,
-              tracker: Tracker, t, device: torch.device) -> dict:
+def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, tracker: Tracker, t,
+              device: torch.device, startup_s: Optional[float], compile_s: float) -> dict:
     """The run's summary (rank 0's is the run's), with this session's step times for benchmarks."""
-    history, train_time = state.history, sum(clock.step_times)
+    history, steady = state.history, clock.steady()
     best = min(history, key=lambda h: h["val_loss"])
     return {
         "final_val_loss": history[-1]["val_loss"], "best_val_loss": best["val_loss"], "best_step": best["step"],
         "final_train_loss": history[-1]["train_loss"], "steps": state.step, "max_steps": t.max_steps,
-        "tokens": state.step * tokens_per_step,
-        "tokens_per_sec": steps_run * tokens_per_step / train_time if train_time else None,
-        "train_time_s": train_time, "num_params": parts.raw_model.num_params(), "world_size": state.world_size,
+        "tokens": state.step * clock.tokens_per_step,
+        # steady state: this session's steps that did not compile (compilation is compile_s)
+        "tokens_per_sec": steady.tokens_per_sec, "mfu": steady.mfu,
+        "tokens_per_sec_over": f"this session's optimizer steps that did not compile: {steady.steps} of {len(clock.step_times)}",
+        "compiled_steps": clock.compiled_steps(first_step), "compile_s": compile_s,
+        "startup_s": startup_s,  # launch to the start of this session's first optimizer step
+        "flops_per_token": clock.flops_per_token, "peak_flops": clock.peak() if steady.mfu is not None else None,
+        "train_time_s": sum(clock.step_times), "num_params": parts.raw_model.num_params(), "world_size": state.world_size,
         "skipped_steps": state.skipped_steps, "restarts": state.restarts,
         "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history, "code": state.code,
         # this session's steps, for benchmarks: wall time of each, host time waiting for batches
@@ -308,6 +294,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     """Train up to cfg.train.max_steps optimizer steps (or stop_at); return the summary (rank 0's
     is the run's). With `resume`, continue that checkpoint's run exactly where it stopped."""
     t, device = cfg.train, env.device
+    launch = env.launch_time or time.time()
     data_dir = env.data_dir or cfg.data.dir  # checkpoints keep cfg.data.dir, the location, not the copy
     meta = read_meta(data_dir)
     if cfg.model.vocab_size is None:
@@ -364,36 +351,56 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     if resume is not None:
         log(f"[raypipe] resumed from {resume.path.name} at step {state.step} (restart {state.restarts})")
 
-    clock, streak = StepClock(next_train_batch), 0
+    watch = CompileWatch(log)
+    clock = StepClock(next_train_batch, watch, tokens_per_step, flops_per_token(cfg.model, raw_model.num_params(), t.block_size),
+                      peak=(lambda: measure_peak_flops(device)) if master else (lambda: None), devices=env.world_size)
+    streak, startup_s = 0, time.time() - launch
+    log(f"[raypipe] first step {startup_s:.1f} s after launch")
     try:
-        for step in range(first_step, last_step + 1):
-            with clock.step(device):
-                lr, loss, grad_norm, streak = optimizer_step(parts, next_train_batch, step, t, streak, state, log)
-            state.step = step
-            state.step_losses.append(loss)
-            if step % t.log_interval == 0:
-                tracker.log({"step_loss": loss, "learning_rate": lr, "grad_norm": grad_norm}, step=step)
-            if step % t.eval_interval and step != last_step:
-                continue
-
-            losses = evaluate(parts, eval_samplers, t, device)
-            metrics = {
-                "step": step, "tokens": step * tokens_per_step,
-                "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
-                "grad_norm": grad_norm, "step_loss": loss, "skipped_steps": state.skipped_steps,
-                "tokens_per_sec": clock.tokens_per_sec(tokens_per_step),
-                "data_wait_frac": sum(clock.data_waits) / sum(clock.step_times),
-                "elapsed_s": time.perf_counter() - clock.start,
-            }
-            state.history.append(metrics)
-            tracker.log(metrics, step=step)
-            log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
-                f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-                f"{metrics['tokens_per_sec']:,.0f} tok/s | {metrics['elapsed_s']:.0f}s")
-            log_samples(parts, tokenizer, t, device, step, tracker, log)
-            checkpoint_and_report(parts, cfg, env, state, metrics, train_batches, data_files, last_step)
+        with watch:
+            for step in range(first_step, last_step + 1):
+                with clock.step(device):
+                    lr, loss, grad_norm, streak = optimizer_step(parts, next_train_batch, step, t, streak, state, log)
+                state.step = step
+                state.step_losses.append(loss)
+                eval_step = step % t.eval_interval == 0 or step == last_step
+                if step % t.log_interval and not eval_step:
+                    continue
+                figures, seconds_per_step = clock.interval()  # since the last report: progress line or evaluation
+                if step % t.log_interval == 0:
+                    log(progress_line(step, t.max_steps, loss, lr, figures, seconds_per_step, last_step))
+                    tracker.log({"step_loss": loss, "learning_rate": lr, "grad_norm": grad_norm,
+                                 **{k: v for k, v in figures.as_metrics().items() if v is not None}}, step=step)
+                if eval_step:
+                    evaluate_and_report(parts, cfg, env, state, eval_samplers, tokenizer, tracker, watch, clock,
+                                        figures, (step, lr, loss, grad_norm), train_batches, data_files, last_step)
     finally:
         if isinstance(train_batches, CudaPrefetcher):
             train_batches.close()
         tracker.finish()  # also on errors: W&B keeps what was logged
-    return summarize(state, clock, last_step - first_step + 1, tokens_per_step, parts, tracker, t, device)
+    return summarize(state, clock, first_step, parts, tracker, t, device, startup_s, watch.seconds)
+
+
+def evaluate_and_report(parts: Parts, cfg: Config, env: WorkerEnv, state: RunState, eval_samplers, tokenizer, tracker,
+                        watch: CompileWatch, clock: StepClock, figures: Figures, progress: tuple, train_batches,
+                        data_files: dict[str, Path], last_step: int) -> None:
+    """An evaluation: losses, its line and W&B entry (throughput over the interval), samples, the report."""
+    (step, lr, loss, grad_norm), t, device = progress, cfg.train, env.device
+    log = env.log if env.rank == 0 else (lambda line: None)
+    losses = evaluate(parts, eval_samplers, t, device)
+    watch.settle()  # an evaluation that compiled (e.g. a first forward without gradients)
+    metrics = {
+        "step": step, "tokens": step * clock.tokens_per_step,
+        "train_loss": losses["train"], "val_loss": losses["val"], "learning_rate": lr,
+        "grad_norm": grad_norm, "step_loss": loss, "skipped_steps": state.skipped_steps,
+        **figures.as_metrics(), "elapsed_s": time.perf_counter() - clock.start,
+    }
+    state.history.append(metrics)
+    tracker.log(metrics, step=step)
+    speed = f"{figures.tokens_per_sec:,.0f} tok/s" if figures.tokens_per_sec else "- tok/s"
+    mfu = f" | MFU {figures.mfu:.1%}" if figures.mfu is not None else ""
+    log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
+        f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
+        f"{speed}{mfu} | {metrics['elapsed_s']:.0f}s")
+    log_samples(parts, tokenizer, t, device, step, tracker, log)
+    checkpoint_and_report(parts, cfg, env, state, metrics, train_batches, data_files, last_step)

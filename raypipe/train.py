@@ -23,6 +23,7 @@ from .driver import RunFailed, check_wandb_login, local_misfit, run
 from .errors import UserError
 from .model import GemmaLM
 from .staging import is_uri, read_remote_meta
+from .throughput import process_start_time
 from .validation import check_name, validate
 
 
@@ -149,6 +150,9 @@ def resource_note(cfg: Config) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    # Start-up counts from the launch: this process's start when run as the command (argv from
+    # sys.argv), else this call (a caller in a longer-lived process).
+    launch_time = process_start_time() if argv is None else time.time()
     args = parse_args(argv)
     try:
         if args.print_config:
@@ -158,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.dry_run:
             dry_run(cfg)
             return 0
-        run(cfg)
+        run(cfg, launch_time=launch_time)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
