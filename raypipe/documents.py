@@ -102,6 +102,18 @@ def expand_inputs(patterns: Iterable[str], flag: str = "INPUT") -> list[Path]:
     return files
 
 
+def check_text_column(schema, name, opts: Options) -> None:
+    """A parquet schema holds --text-column as strings, else a PrepareError naming the file."""
+    import pyarrow as pa
+
+    if opts.text_column not in schema.names:
+        raise PrepareError(f"{name}: no column {opts.text_column!r} (--text-column); "
+                           f"its columns are {', '.join(schema.names)}")
+    typ = schema.field(opts.text_column).type
+    if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
+        raise PrepareError(f"{name}: column {opts.text_column!r} is {typ}, expected a string column")
+
+
 def check_input(path: Path, opts: Options) -> None:
     """Cheap checks before any long work: the text column exists (parquet schema, first jsonl record)."""
     fmt = FORMATS[path.suffix]
@@ -113,12 +125,7 @@ def check_input(path: Path, opts: Options) -> None:
             schema = pq.read_schema(path)
         except (OSError, pa.ArrowException) as e:
             raise PrepareError(f"{path}: not a readable parquet file ({e})") from None
-        if opts.text_column not in schema.names:
-            raise PrepareError(f"{path}: no column {opts.text_column!r} (--text-column); "
-                               f"its columns are {', '.join(schema.names)}")
-        typ = schema.field(opts.text_column).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise PrepareError(f"{path}: column {opts.text_column!r} is {typ}, expected a string column")
+        check_text_column(schema, path, opts)
     elif fmt == "jsonl":
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .datafiles import SPLITS, check_meta, remove_stale_temporaries
-from .documents import FORMATS, Options, PrepareError, expand_inputs, json_text
+from .documents import FORMATS, Options, PrepareError, check_text_column, expand_inputs, json_text
 from .tokenizer import TokenizerSpec
 
 SHARD_NAME = re.compile(r"(train|val)-[0-9]{5,}\.bin")
@@ -111,12 +111,7 @@ def check_file(fs: pafs.FileSystem, path: str, name: str, opts: Options) -> int:
             schema = pq.read_schema(path, filesystem=fs)
         except (OSError, pa.ArrowException) as e:
             raise PrepareError(f"{name}: not a readable parquet file ({e})") from None
-        if opts.text_column not in schema.names:
-            raise PrepareError(f"{name}: no column {opts.text_column!r} (--text-column); "
-                               f"its columns are {', '.join(schema.names)}")
-        typ = schema.field(opts.text_column).type
-        if not (pa.types.is_string(typ) or pa.types.is_large_string(typ)):
-            raise PrepareError(f"{name}: column {opts.text_column!r} is {typ}, expected a string column")
+        check_text_column(schema, name, opts)
     elif fmt == "jsonl" and size:
         with fs.open_input_stream(path) as f:
             head = b""

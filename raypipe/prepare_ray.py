@@ -207,14 +207,7 @@ class ShardProgress(Progress):
     """Progress's status line, fed by the pipeline's summary rows (one per written batch)."""
 
     def add(self, row: dict) -> None:
-        self.tasks += 1
-        self.docs += row["docs_train"] + row["docs_val"]
-        self.tokens += row["train_tokens"] + row["val_tokens"]
-        self.nbytes += row["nbytes"]
-        now = time.perf_counter()
-        if self.enabled and now - self.last >= (0.2 if self.tty else 10):
-            self.last = now
-            self._draw(now)
+        self.count(row["docs_train"] + row["docs_val"], row["train_tokens"] + row["val_tokens"], row["nbytes"])
 
     def line(self, now: Optional[float] = None) -> str:
         secs = max((now or time.perf_counter()) - self.start, 1e-9)

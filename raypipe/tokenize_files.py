@@ -150,10 +150,14 @@ class Progress:
         self.start = self.last = time.perf_counter()
 
     def update(self, r: Result) -> None:
+        self.count(r.docs_train + r.docs_val, r.train.size + r.val.size, r.nbytes)
+
+    def count(self, docs: int, tokens: int, nbytes: int) -> None:
+        """One more finished piece of work; redraws the line at most 5 times a second (every 10 s to a file)."""
         self.tasks += 1
-        self.docs += r.docs_train + r.docs_val
-        self.tokens += r.train.size + r.val.size
-        self.nbytes += r.nbytes
+        self.docs += docs
+        self.tokens += tokens
+        self.nbytes += nbytes
         now = time.perf_counter()
         if self.enabled and now - self.last >= (0.2 if self.tty else 10):
             self.last = now
