@@ -8,7 +8,7 @@ Each variant joins parts with '+': `base` (the model as committed), `unfused` (q
 matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 1024 / N: the same 1,024
 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
-"auto"), `combo` (Inductor's combo kernels), `cudagraphs`
+"auto"), `combo` (Inductor's combo kernels), `aggr` (Inductor's aggressive_fusion), `cudagraphs`
 (`mode="reduce-overhead"`), `plainkernels` (`model.fused_kernels: false`: PyTorch's cross-entropy and
 GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
@@ -39,7 +39,7 @@ def unfused_linear(x, *projections):
 def apply(variant: str) -> tuple:
     """Set the variant's switches; return (compile mode, micro-batch, accumulation, model.attention,
     model.fused_kernels, combo kernels)."""
-    M.fused_linear, inductor_config.coordinate_descent_tuning = FUSED, False
+    M.fused_linear, inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion = FUSED, False, False
     mode, micro, attention, fused, combo = None, 256, "auto", True, False
     for part in variant.split("+"):
         if part == "unfused":
@@ -48,6 +48,8 @@ def apply(variant: str) -> tuple:
             inductor_config.coordinate_descent_tuning = True
         elif part == "combo":
             combo = True
+        elif part == "aggr":
+            inductor_config.aggressive_fusion = True
         elif part in ("sdpa", "matmul"):
             attention = part
         elif part == "plainkernels":

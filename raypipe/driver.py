@@ -180,9 +180,35 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     refuse_misfit()  # what a fresh local Ray would get: refused before it starts
+    start = time.perf_counter()
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env_vars()}})
     refuse_misfit(ray.cluster_resources())  # what it got
+    prestart_autoscaling_coordinator()
+    if started_local_ray():
+        print(f"[raypipe] started a local Ray in {time.perf_counter() - start:.0f} s; with one kept running "
+              "(`ray start --head`), each launch joins it instead and starts faster", flush=True)
+
+
+def started_local_ray() -> bool:
+    """Whether this process started the Ray it is connected to (a local instance that ends with it)."""
+    import ray
+
+    node = getattr(getattr(ray._private.worker, "global_worker", None), "node", None)
+    return bool(node is not None and node.is_head())
+
+
+def prestart_autoscaling_coordinator() -> None:
+    """Ray Train's controller first asks the cluster's AutoscalingCoordinator actor for resources and
+    gives it 5 s; a fresh Ray creates that actor only then, and on a busy start the call times out
+    with a traceback on the console and 5 s lost. Created here, its process starts while the
+    controller's does. (A detached actor: a Ray kept running keeps it.)"""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+    except ImportError:  # another Ray version: its controller creates it as before
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, launch_time: Optional[float] = None):

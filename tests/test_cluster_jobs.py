@@ -166,6 +166,7 @@ def test_job_submit_with_token_auth(embedded_data, tmp_path):
         assert summary["steps"] == 10 and summary["run_dir"] == str(run_dir)
         assert (Path(summary["best_checkpoint"]) / "manifest.json").is_file()
         assert f"outputs go to {run_dir}" in out and f"run directory: {run_dir}" in out  # the driver says where
+        assert "started a local Ray" not in out  # it joined the cluster
 
         # The upload was the code alone (.gitignore + .rayignore): no data, runs or venvs.
         assert "data/embedded" not in out

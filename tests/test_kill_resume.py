@@ -134,6 +134,8 @@ def test_driver_killed_then_resumed(uninterrupted, embedded_data, tmp_path):
                              capture_output=True, text=True, env=env, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert json.loads((run_dir / "summary.json").read_text())["restarts"] == 1
+    assert "[raypipe] started a local Ray in " in resumed.stdout  # and how to keep one running
+    assert "Failed to send resource request" not in resumed.stdout + resumed.stderr  # its coordinator came up first
     assert_same_as_uninterrupted(run_dir, uninterrupted)
 
 

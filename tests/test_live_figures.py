@@ -192,6 +192,19 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
 
 
+def test_ray_started_here_is_told_and_its_autoscaling_coordinator_is_up(ray_cluster):
+    import ray
+
+    from raypipe.driver import prestart_autoscaling_coordinator, started_local_ray
+
+    assert started_local_ray()  # the session fixture's ray.init started it in this process
+    prestart_autoscaling_coordinator()
+    coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+    ray.get(coordinator.__ray_ready__.remote(), timeout=60)  # the actor Ray Train's controller asks first
+    prestart_autoscaling_coordinator()  # a second launch on the same Ray finds it
+    assert ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")._actor_id == coordinator._actor_id
+
+
 def test_bench_reports_both_mfu_counts(embedded_data, tmp_path, capsys):
     from raypipe.bench import main as bench_main
 
