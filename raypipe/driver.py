@@ -206,9 +206,10 @@ def prestart_autoscaling_coordinator() -> None:
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator)
-    except ImportError:  # another Ray version: its controller creates it as before
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # another Ray version (a start-up saving only): its controller creates it as before
         return
-    get_or_create_autoscaling_coordinator()
 
 
 def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, launch_time: Optional[float] = None):
