@@ -99,6 +99,7 @@ def train_func(loop_config: dict) -> dict:
 
 
 def _train_worker(loop_config: dict) -> dict:
+    started = time.time()
     import ray.train
     import ray.train.torch
 
@@ -126,7 +127,8 @@ def _train_worker(loop_config: dict) -> dict:
                     device=ray.train.torch.get_device(), run_name=cfg.ray.name,
                     out_dir=Path(loop_config["wandb_dir"]), report=report, log=_worker_print,
                     data_dir=local_data_dir(cfg),  # this node's verified copy when staging is on
-                    launch_time=loop_config.get("launch_time"))
+                    launch_time=loop_config.get("launch_time"),
+                    startup_marks={**loop_config.get("startup_marks", {}), "worker started": started})
     return {**train(cfg, env, resume), "compile_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
 
 
@@ -209,10 +211,12 @@ def prestart_autoscaling_coordinator() -> None:
 
         get_or_create_autoscaling_coordinator()
     except Exception:  # another Ray version (a start-up saving only): its controller creates it as before
-        return
+        pass
 
 
-def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, launch_time: Optional[float] = None):
+def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, launch_time: Optional[float] = None,
+                 startup_marks: Optional[dict[str, float]] = None):
+    """`startup_marks`: {phase: time.time()} between the launch and the trainer, for the first-step line."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.callback import WorkerCallback  # Ray's hook into worker shutdown
@@ -230,7 +234,8 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, 
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         train_func,
-        train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir, "launch_time": launch_time},
+        train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir, "launch_time": launch_time,
+                           "startup_marks": startup_marks or {}},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
                                      placement_strategy=r.placement_strategy),
         run_config=RunConfig(
@@ -264,6 +269,7 @@ def run(cfg: Config, callbacks: Optional[list] = None, launch_time: Optional[flo
     check_wandb_login(cfg)
     meta = check_data(cfg)
     init_ray(cfg)
+    startup_marks = {"Ray ready": time.time()}
     local_storage = "://" not in cfg.ray.storage_path
     run_dir = f"{cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}"
     wandb_dir = run_dir if local_storage else str(Path(tempfile.gettempdir()) / "raypipe-wandb" / cfg.ray.name)
@@ -271,7 +277,7 @@ def run(cfg: Config, callbacks: Optional[list] = None, launch_time: Optional[flo
     from ray.train import TrainingFailedError
 
     try:  # Train V2 raises from fit(); older paths return result.error
-        result = make_trainer(cfg, wandb_dir, callbacks, launch_time).fit()
+        result = make_trainer(cfg, wandb_dir, callbacks, launch_time, startup_marks).fit()
         error = result.error
     except TrainingFailedError as e:
         error = e

@@ -48,6 +48,7 @@ class WorkerEnv:
     log: Callable[[str], None] = print
     data_dir: Optional[str] = None  # a node-local copy of cfg.data.dir (raypipe/staging.py); None: cfg.data.dir
     launch_time: Optional[float] = None  # time.time() the run was launched (start-up counts from it); None: train()'s start
+    startup_marks: dict[str, float] = field(default_factory=dict)  # {phase: time.time()} between launch and train()
 
 
 def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -267,7 +268,7 @@ def checkpoint_data_files(meta: dict, data_dir: str) -> dict[str, Path]:
 
 
 def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, tracker: Tracker, t,
-              device: torch.device, startup_s: Optional[float], compile_s: float) -> dict:
+              device: torch.device, startup_s: Optional[float], phases: dict[str, float], compile_s: float) -> dict:
     """The run's summary (rank 0's is the run's), with this session's step times for benchmarks."""
     history, steady = state.history, clock.steady()
     best = min(history, key=lambda h: h["val_loss"])
@@ -280,6 +281,7 @@ def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, 
         "tokens_per_sec_over": f"this session's optimizer steps that did not compile: {steady.steps} of {len(clock.step_times)}",
         "compiled_steps": clock.compiled_steps(first_step), "compile_s": compile_s,
         "startup_s": startup_s,  # launch to the start of this session's first optimizer step
+        "startup_phases_s": phases,  # when each phase the launcher marked was reached, in seconds after launch
         "flops_per_token": clock.flops_per_token, "peak_flops": clock.peak() if steady.mfu is not None else None,
         "train_time_s": sum(clock.step_times), "num_params": parts.raw_model.num_params(), "world_size": state.world_size,
         "skipped_steps": state.skipped_steps, "restarts": state.restarts,
@@ -355,7 +357,9 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     clock = StepClock(next_train_batch, watch, tokens_per_step, flops_per_token(cfg.model, raw_model.num_params(), t.block_size),
                       peak=(lambda: measure_peak_flops(device)) if master else (lambda: None), devices=env.world_size)
     streak, startup_s = 0, time.time() - launch
-    log(f"[raypipe] first step {startup_s:.1f} s after launch")
+    phases = {name: at - launch for name, at in env.startup_marks.items()}  # where the start-up went
+    log(f"[raypipe] first step {startup_s:.1f} s after launch"
+        + (f" ({', '.join(f'{name} at {s:.1f} s' for name, s in phases.items())})" if phases else ""))
     try:
         with watch:
             for step in range(first_step, last_step + 1):
@@ -378,7 +382,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         if isinstance(train_batches, CudaPrefetcher):
             train_batches.close()
         tracker.finish()  # also on errors: W&B keeps what was logged
-    return summarize(state, clock, first_step, parts, tracker, t, device, startup_s, watch.seconds)
+    return summarize(state, clock, first_step, parts, tracker, t, device, startup_s, phases, watch.seconds)
 
 
 def evaluate_and_report(parts: Parts, cfg: Config, env: WorkerEnv, state: RunState, eval_samplers, tokenizer, tracker,

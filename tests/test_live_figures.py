@@ -175,6 +175,9 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
     assert main(["--config", str(config_file), "--name", "live"]) == 0
     summary = json.loads((tmp_path / "runs" / "live" / "summary.json").read_text())
     assert 0 < summary["startup_s"] < summary["wall_time_s"] and summary["compile_s"] == 0.0
+    phases = summary["startup_phases_s"]  # where the start-up went, in order
+    assert list(phases) == ["Ray ready", "worker started"]
+    assert 0 < phases["Ray ready"] < phases["worker started"] < summary["startup_s"]
     assert summary["tokens_per_sec"] > 0 and 0 < summary["mfu"] < 1
     # The fixture's Ray workers inherit this process's environment: its own setting, or the default.
     expected = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(
@@ -188,7 +191,7 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
             break
         time.sleep(0.5)
     assert sorted({int(m.group(1)) for m in PROGRESS.finditer(out)}) == [5, 10, 15, 20]
-    assert "first step" in out and "after launch" in out
+    assert re.search(r"first step [\d.]+ s after launch \(Ray ready at [\d.]+ s, worker started at [\d.]+ s\)", out)
     assert "Reporting training result" not in out and "Checkpoint successfully created" not in out
 
 
