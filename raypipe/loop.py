@@ -357,7 +357,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     clock = StepClock(next_train_batch, watch, tokens_per_step, flops_per_token(cfg.model, raw_model.num_params(), t.block_size),
                       peak=(lambda: measure_peak_flops(device)) if master else (lambda: None), devices=env.world_size)
     streak, startup_s = 0, time.time() - launch
-    phases = {name: at - launch for name, at in env.startup_marks.items()}  # where the start-up went
+    phases = {name: at - launch for name, at in env.startup_marks.items()} if env.launch_time else {}  # where it went
     log(f"[raypipe] first step {startup_s:.1f} s after launch"
         + (f" ({', '.join(f'{name} at {s:.1f} s' for name, s in phases.items())})" if phases else ""))
     try:
