@@ -12,6 +12,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
+from cuda_timing import timed
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from raypipe.model import matmul_attention
@@ -54,15 +55,7 @@ def time_attention(name: str, attend, T: int, iters: int = 20) -> None:
         attend(q, k, v).float().sum().backward()
 
     try:
-        for _ in range(3):
-            step()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            step()
-        end.record()
-        torch.cuda.synchronize()
-        ms = start.elapsed_time(end) / iters
+        ms = timed(step, iters)
         print(f"T {T:4d} {name:40s} fwd+bwd {ms:7.3f} ms per layer, x18 layers {18 * ms:6.1f} ms", flush=True)
     except Exception as e:  # a backend that does not take this shape
         print(f"T {T:4d} {name:40s} not available: {type(e).__name__}: {str(e)[:120]}", flush=True)

@@ -9,22 +9,11 @@ gate|up read twice, the output and the gradient written once each). Then the Tri
 """
 
 import torch
+from cuda_timing import timed
 
 from raypipe import kernels
 
 N, V, VOCAB, H = 256 * 128, 50304, 50257, 2048
-
-
-def timed(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / iters
 
 
 def report(name: str, ms: float, nbytes: int) -> None:

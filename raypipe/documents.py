@@ -102,6 +102,14 @@ def expand_inputs(patterns: Iterable[str], flag: str = "INPUT") -> list[Path]:
     return files
 
 
+def check_split_options(txt_split: str, val_fraction: float, val_inputs) -> None:
+    """--txt-split is known; --val-fraction is a fraction unless --val inputs make the split."""
+    if txt_split not in TXT_SPLITS:
+        raise PrepareError(f"--txt-split {txt_split!r}: expected one of {', '.join(TXT_SPLITS)}")
+    if not val_inputs and not 0 < val_fraction < 1:
+        raise PrepareError(f"--val-fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
+
+
 def check_text_column(schema, name, opts: Options) -> None:
     """A parquet schema holds --text-column as strings, else a PrepareError naming the file."""
     import pyarrow as pa
@@ -114,24 +122,39 @@ def check_text_column(schema, name, opts: Options) -> None:
         raise PrepareError(f"{name}: column {opts.text_column!r} is {typ}, expected a string column")
 
 
-def check_input(path: Path, opts: Options) -> None:
-    """Cheap checks before any long work: the text column exists (parquet schema, first jsonl record)."""
-    fmt = FORMATS[path.suffix]
+def check_input(path, opts: Options, fs=None, name=None) -> None:
+    """Cheap checks before any long work: the text column exists (parquet schema, first jsonl record).
+    `fs`: the pyarrow filesystem that holds `path` (None: the local one); `name`: the file in messages."""
+    name = path if name is None else name
+    fmt = FORMATS[Path(path).suffix]
     if fmt == "parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         try:
-            schema = pq.read_schema(path)
+            schema = pq.read_schema(path, filesystem=fs)
         except (OSError, pa.ArrowException) as e:
-            raise PrepareError(f"{path}: not a readable parquet file ({e})") from None
-        check_text_column(schema, path, opts)
+            raise PrepareError(f"{name}: not a readable parquet file ({e})") from None
+        check_text_column(schema, name, opts)
     elif fmt == "jsonl":
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    json_text(line.decode("utf-8", "replace"), opts.text_column, path, f"line {number}")
-                    break
+        with open(path, "rb") if fs is None else fs.open_input_stream(path) as f:
+            first = first_nonblank_line(f)
+        if first is not None:
+            number, line = first
+            json_text(line.decode("utf-8", "replace"), opts.text_column, name, f"line {number}")
+
+
+def first_nonblank_line(f) -> Optional[tuple[int, bytes]]:
+    """(number, line with its newline) of the first non-blank line of a binary stream, read in chunks
+    (pyarrow's streams have no readline); None if every line is blank."""
+    head = b""
+    while (chunk := f.read(1 << 16)) and not any(x.strip() for x in head.split(b"\n")[:-1]):
+        head += chunk  # up to the end of the first non-blank line
+    lines = head.split(b"\n")
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            return number, line + (b"\n" if number < len(lines) else b"")
+    return None
 
 
 def plan_tasks(paths: list[Path], opts: Options, split: Optional[str] = None) -> Iterator[Task]:

@@ -401,10 +401,9 @@ def evaluate_and_report(parts: Parts, cfg: Config, env: WorkerEnv, state: RunSta
     }
     state.history.append(metrics)
     tracker.log(metrics, step=step)
-    speed = f"{figures.tokens_per_sec:,.0f} tok/s" if figures.tokens_per_sec else "- tok/s"
     mfu = f" | MFU {figures.mfu:.1%}" if figures.mfu is not None else ""
     log(f"[raypipe] step {step:>6}/{t.max_steps} | train {metrics['train_loss']:.4f} | "
         f"val {metrics['val_loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f} | "
-        f"{speed}{mfu} | {metrics['elapsed_s']:.0f}s")
+        f"{figures.speed()}{mfu} | {metrics['elapsed_s']:.0f}s")
     log_samples(parts, tokenizer, t, device, step, tracker, log)
     checkpoint_and_report(parts, cfg, env, state, metrics, train_batches, data_files, last_step)

@@ -15,15 +15,14 @@ raypipe/prepare_ray.py. This module is the CLI and `prepare()` that ties the pie
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Optional
 
 from .datafiles import dtype_for_vocab, remove_stale_temporaries
-from .documents import TXT_SPLITS, Options, PrepareError, check_input, expand_inputs, plan_tasks
+from .documents import TXT_SPLITS, Options, PrepareError, check_input, check_split_options, expand_inputs, plan_tasks
 from .errors import UserError
-from .tokenize_files import Progress, build_tokenizer, run_local, write_token_files
+from .tokenize_files import Progress, build_tokenizer, local_cores, run_local, write_token_files
 from .tokenizer import EOT, SPEC_HELP, parse_spec
 
 
@@ -41,10 +40,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
                            shard_docs=shard_docs, progress=progress, log=log)
     out = Path(out)
     parse_spec(tokenizer)  # an unknown spec fails before any reading
-    if txt_split not in TXT_SPLITS:
-        raise PrepareError(f"--txt-split {txt_split!r}: expected one of {', '.join(TXT_SPLITS)}")
-    if not val_inputs and not 0 < val_fraction < 1:
-        raise PrepareError(f"--val-fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
+    check_split_options(txt_split, val_fraction, val_inputs)
     if out.exists():
         raise PrepareError(f"--out {out} already exists; remove it or choose another directory")
     remove_stale_temporaries(out, log)  # left by a killed prepare of the same --out: freed before long work
@@ -64,9 +60,7 @@ def prepare(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, val_
     train_tasks = [t for t in tasks if t.split != "val"]
     spec = build_tokenizer(tokenizer, train_tasks, opts, eot, log)
     dtype = dtype_for_vocab(spec.vocab_size)
-    if not workers:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    results = run_local(tasks, opts, spec, dtype, workers)
+    results = run_local(tasks, opts, spec, dtype, workers or local_cores())
     source = {"kind": "prepare", "inputs": [str(p) for p in train_paths], "val_inputs": [str(p) for p in val_paths],
               "val_fraction": None if val_paths else val_fraction, "seed": seed, "text_column": text_column,
               "txt_split": txt_split}

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .datafiles import SPLITS, check_meta, remove_stale_temporaries
-from .documents import FORMATS, Options, PrepareError, check_text_column, expand_inputs, json_text
+from .documents import FORMATS, Options, PrepareError, check_input, expand_inputs
 from .tokenizer import TokenizerSpec
 
 SHARD_NAME = re.compile(r"(train|val)-[0-9]{5,}\.bin")
@@ -102,25 +102,8 @@ def expand(patterns: list[str], flag: str) -> list[tuple[pafs.FileSystem, str, s
 
 def check_file(fs: pafs.FileSystem, path: str, name: str, opts: Options) -> int:
     """documents.check_input over a pyarrow filesystem (the text column is there); returns the file's size."""
-    fmt = FORMATS[Path(path).suffix]
     size = _info(fs, path, name).size
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            schema = pq.read_schema(path, filesystem=fs)
-        except (OSError, pa.ArrowException) as e:
-            raise PrepareError(f"{name}: not a readable parquet file ({e})") from None
-        check_text_column(schema, name, opts)
-    elif fmt == "jsonl" and size:
-        with fs.open_input_stream(path) as f:
-            head = b""
-            while (chunk := f.read(1 << 16)) and not any(x.strip() for x in head.split(b"\n")[:-1]):
-                head += chunk  # up to the end of the first non-blank line
-        for number, line in enumerate(head.split(b"\n"), 1):
-            if line.strip():
-                json_text(line.decode("utf-8", "replace"), opts.text_column, name, f"line {number}")
-                break
+    check_input(path, opts, fs, name)
     return size
 
 

@@ -31,10 +31,10 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from .datafiles import SPLITS, TOKEN_DTYPES, dtype_for_vocab
-from .documents import TXT_SPLITS, Options, PrepareError, Task, from_arrow, take_documents, txt_documents, val_mask
+from .documents import Options, PrepareError, Task, check_split_options, from_arrow, take_documents, txt_documents, val_mask
 from .errors import UserError
 from .prepare_io import Output, Source, plan_sources, sharded_meta, write_file
-from .tokenize_files import Progress
+from .tokenize_files import Progress, local_cores
 from .tokenizer import EOT, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths, file_spec, gpt2_spec, \
     hf_spec, parse_spec, split_document, train_bpe
 
@@ -241,8 +241,7 @@ def connect(workers: Optional[int]) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False)
     else:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        ray.init(num_cpus=max(cores, workers or 0), include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=max(local_cores(), workers or 0), include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -252,10 +251,7 @@ def prepare_ray(inputs: list[str], out: str | Path, tokenizer: str = "byte", *, 
                 progress: bool = True, log=print) -> dict:
     """Tokenize `inputs` into the sharded data directory or URI prefix `out` on Ray; return the meta."""
     parse_spec(tokenizer)
-    if txt_split not in TXT_SPLITS:
-        raise PrepareError(f"--txt-split {txt_split!r}: expected one of {', '.join(TXT_SPLITS)}")
-    if not val_inputs and not 0 < val_fraction < 1:
-        raise PrepareError(f"--val-fraction {val_fraction}: expected a number between 0 and 1 (exclusive)")
+    check_split_options(txt_split, val_fraction, val_inputs)
     if (workers is not None and workers < 1) or shard_docs < 1:
         raise PrepareError(f"--workers {workers} / --shard-docs {shard_docs}: expected integers >= 1")
     opts = Options(text_column, txt_split, val_fraction, seed)

@@ -107,6 +107,10 @@ class Figures:
     tokens_per_sec: Optional[float]
     mfu: Optional[float]  # nanoGPT's count of FLOPs per token against the measured peak
 
+    def speed(self) -> str:
+        """Tokens/s for a console line ("- tok/s" when no step was timed)."""
+        return f"{self.tokens_per_sec:,.0f} tok/s" if self.tokens_per_sec else "- tok/s"
+
     def as_metrics(self) -> dict:
         return {"tokens_per_sec": self.tokens_per_sec, "mfu": self.mfu,
                 "data_wait_frac": self.data_wait_s / self.seconds if self.seconds else None}
@@ -170,11 +174,10 @@ class StepClock:
 def progress_line(step: int, max_steps: int, loss: float, lr: float, figures: Figures,
                   seconds_per_step: Optional[float], last_step: int) -> str:
     """nanoGPT's per-interval line: step, loss, tokens/s and MFU over the interval, time left."""
-    speed = f"{figures.tokens_per_sec:,.0f} tok/s" if figures.tokens_per_sec else "- tok/s"
     mfu = f"MFU {figures.mfu:.1%}" if figures.mfu is not None else "MFU -"
     eta = format_duration((last_step - step) * seconds_per_step) if seconds_per_step is not None else "-"
     left_out = f" | {figures.compiled} compiling step(s) left out" if figures.compiled else ""
-    return (f"[raypipe] step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {speed} | {mfu} | "
+    return (f"[raypipe] step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {figures.speed()} | {mfu} | "
             f"ETA {eta}{left_out}")
 
 

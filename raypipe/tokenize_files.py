@@ -98,6 +98,11 @@ def _env(**values: str):
                 os.environ[k] = v
 
 
+def local_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one): the default worker count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def run_local(tasks: Iterable[Task], opts: Options, spec: TokenizerSpec, dtype: str, workers: int) -> Iterator[Result]:
     """Results in task order. At most 2 tasks per worker are in flight, so memory does not grow with
     the corpus (Pool.imap would read ahead without bound). A result's arrays may be views of shared
