@@ -37,17 +37,18 @@ def unfused_linear(x, *projections):
 
 
 def apply(variant: str) -> tuple:
-    """Set the variant's switches; return (compile mode, micro-batch, accumulation, model.attention,
-    model.fused_kernels, combo kernels)."""
-    M.fused_linear, inductor_config.coordinate_descent_tuning, inductor_config.aggressive_fusion = FUSED, False, False
-    mode, micro, attention, fused, combo = None, 256, "auto", True, False
+    """Set the variant's switches (each reset first); return (compile mode, micro-batch, accumulation,
+    model.attention, model.fused_kernels)."""
+    M.fused_linear = FUSED
+    inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
+    mode, micro, attention, fused = None, 256, "auto", True
     for part in variant.split("+"):
         if part == "unfused":
             M.fused_linear = unfused_linear
         elif part == "cdt":
             inductor_config.coordinate_descent_tuning = True
         elif part == "combo":
-            combo = True
+            inductor_config.combo_kernels = True
         elif part == "aggr":
             inductor_config.aggressive_fusion = True
         elif part in ("sdpa", "matmul"):
@@ -63,17 +64,16 @@ def apply(variant: str) -> tuple:
         elif part != "base":
             raise SystemExit(f"unknown variant part {part!r}")
     torch._dynamo.reset()
-    return mode, micro, 1024 // micro, attention, fused, combo
+    return mode, micro, 1024 // micro, attention, fused
 
 
 def run(variant: str, cfg, profile: bool) -> None:
-    mode, micro, accum, attention, fused, combo = apply(variant)
+    mode, micro, accum, attention, fused = apply(variant)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused))
     device = torch.device("cuda")
     torch.manual_seed(0)
     raw = M.GemmaLM(cfg.model).to(device)
     optimizer = configure_optimizer(raw, cfg.train, "cuda")
-    inductor_config.combo_kernels = combo
     model = torch.compile(raw, mode=mode)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
