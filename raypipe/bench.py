@@ -17,8 +17,8 @@ Figures count only the steps after `--warmup` (compilation, allocator warm-up):
   batches as a share of the step (the loop's wait for data);
 - under Ray: its tokens/s as a share of the bare loop's (same worker count 1) and, for several
   workers, scaling efficiency = tokens/s(N) / (N x tokens/s(1 worker under Ray)). N workers keep
-  the config's effective batch: each accumulates grad_accum_steps / N micro-batches, or takes one
-  micro-batch of batch_size x grad_accum_steps / N sequences where the accumulation does not divide.
+  the config's effective batch (`train.split_over_workers`): each accumulates grad_accum_steps / N
+  micro-batches, or takes a smaller micro-batch where the accumulation does not divide.
 - with `--compare KEY=VALUE`, the multi-worker Ray runs once more with those overrides: a before and
   after in one process (same data, same measured peak, the same warm compile cache).
 """
@@ -73,6 +73,7 @@ def bench_config(args: argparse.Namespace, data_dir: str, storage: str, extra: O
     cfg.data.dir, cfg.data.source = data_dir, "prepared"
     cfg.wandb.mode = "disabled"
     cfg.ray.storage_path, cfg.ray.use_gpu = storage, torch.cuda.is_available()
+    t.split_over_workers = True  # every worker count trains the config's effective batch
     return cfg
 
 
@@ -109,31 +110,17 @@ def run_bare(cfg: Config) -> dict:
     return summary
 
 
-def split_batch(cfg: Config, workers: int) -> tuple[int, int]:
-    """Each worker's (micro-batch, accumulation) that keeps the config's effective batch with `workers`
-    workers: the accumulation is divided first; when it does not divide, each worker takes one
-    smaller micro-batch (256 x 4 on 1, 2, 4, 8 workers: 256 x 4, 256 x 2, 256 x 1, 128 x 1)."""
-    t = cfg.train
-    share = t.batch_size * t.grad_accum_steps // workers if workers >= 1 else 0
-    if workers >= 1 and t.grad_accum_steps % workers == 0:
-        return t.batch_size, t.grad_accum_steps // workers
-    if workers >= 1 and share * workers == t.batch_size * t.grad_accum_steps and share <= t.batch_size:
-        return share, 1
-    raise ConfigError(f"--workers {workers}: train.grad_accum_steps ({t.grad_accum_steps}) must be divisible by the "
-                      f"worker count, or else train.batch_size x grad_accum_steps ({t.batch_size * t.grad_accum_steps}) "
-                      "into shares of at most train.batch_size, to keep the effective batch")
-
-
 def check_workers(cfg: Config, workers: int) -> None:
-    split_batch(cfg, workers)
+    try:
+        cfg.train.worker_batch(workers)
+    except ValueError as e:
+        raise ConfigError(f"--workers {workers}: {e}") from None
 
 
 def run_ray(cfg: Config, workers: int) -> dict:
     """`workers` as passed by check_workers, which main runs for every count before any run."""
     from .driver import init_ray, make_trainer
 
-    # N workers split the config's effective batch (DDP all-reduces once per step).
-    cfg.train.batch_size, cfg.train.grad_accum_steps = split_batch(cfg, workers)
     cfg.ray.num_workers = workers
     cfg.ray.name = f"bench-ray-{workers}-{time.strftime('%Y%m%d-%H%M%S')}"
     init_ray(cfg)

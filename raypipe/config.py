@@ -80,6 +80,9 @@ class TrainConfig:
     block_size: int = 128  # tokens per training sequence (context length)
     batch_size: int = 16  # micro-batch, sequences per worker
     grad_accum_steps: int = 2  # micro-batches per optimizer step on each worker
+    # true: batch_size x grad_accum_steps sequences per optimizer step in all, shared by the workers (nanoGPT's
+    # way), so any ray.num_workers that divides them trains the same run; false: that many on each worker.
+    split_over_workers: bool = False
     max_steps: int = 250  # length of the run and of its lr schedule
     warmup_steps: int = 20  # linear warmup from 0 to learning_rate
     learning_rate: float = 3e-3  # peak, reached at the end of warmup (warmup starts at 0)
@@ -107,7 +110,31 @@ class TrainConfig:
 
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens in one optimizer step over all workers."""
-        return self.batch_size * self.block_size * self.grad_accum_steps * world_size
+        micro, accum = self.worker_batch(world_size)
+        return micro * self.block_size * accum * world_size
+
+    def worker_batch(self, world_size: int) -> tuple[int, int]:
+        """Each worker's (micro-batch, accumulation) with `world_size` workers.
+
+        Split over the workers, each takes an equal share of the step's sequences: the accumulation is
+        divided first, then the micro-batch is the largest divisor of the share that is at most
+        batch_size (256 x 4 on 1, 2, 4, 8 workers: 256 x 4, 256 x 2, 256 x 1, 128 x 1).
+        Raises ValueError when the share is not whole."""
+        if not self.split_over_workers:
+            return self.batch_size, self.grad_accum_steps
+        total = self.batch_size * self.grad_accum_steps
+        if total % world_size:
+            raise ValueError(f"the {total} sequences per step (train.batch_size {self.batch_size} x "
+                             f"train.grad_accum_steps {self.grad_accum_steps}, train.split_over_workers: true) do not "
+                             f"split over {world_size} workers: use a worker count that divides {total}")
+        share = total // world_size
+        micro = max(m for m in range(1, min(self.batch_size, share) + 1) if share % m == 0)
+        return micro, share // micro
+
+    def for_worker(self, world_size: int) -> "TrainConfig":
+        """This section as one of `world_size` workers runs it: its own micro-batch and accumulation."""
+        micro, accum = self.worker_batch(world_size)
+        return dataclasses.replace(self, batch_size=micro, grad_accum_steps=accum, split_over_workers=False)
 
 
 @dataclass

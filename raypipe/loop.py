@@ -295,7 +295,7 @@ def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, 
 def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     """Train up to cfg.train.max_steps optimizer steps (or stop_at); return the summary (rank 0's
     is the run's). With `resume`, continue that checkpoint's run exactly where it stopped."""
-    t, device = cfg.train, env.device
+    t, device = cfg.train.for_worker(env.world_size), env.device  # this worker's micro-batch and accumulation
     launch = env.launch_time or time.time()
     data_dir = env.data_dir or cfg.data.dir  # checkpoints keep cfg.data.dir, the location, not the copy
     meta = read_meta(data_dir)

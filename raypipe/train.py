@@ -131,12 +131,13 @@ def dry_run(cfg: Config) -> None:
     with torch.device("meta"):  # shapes only: no memory, no init time, even for the 270M recipe
         model = GemmaLM(cfg.model)
     per_step = t.tokens_per_step(cfg.ray.num_workers)
+    micro, accum = t.worker_batch(cfg.ray.num_workers)
     head = "tied to the embedding" if cfg.model.tie_embeddings else "untied (its own matrix)"
     print(f"config ok: {cfg.ray.name}\n"
           f"outputs: {cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}\n"
           f"parameters: {model.num_params():,} (output head {head}; vocab {cfg.model.vocab_size})\n"
-          f"tokens per optimizer step: {per_step:,} = {t.batch_size} seqs x {t.block_size} tokens x "
-          f"{t.grad_accum_steps} accumulation x {cfg.ray.num_workers} worker(s)\n"
+          f"tokens per optimizer step: {per_step:,} = {micro} seqs x {t.block_size} tokens x "
+          f"{accum} accumulation x {cfg.ray.num_workers} worker(s)\n"
           f"token budget: {per_step * t.max_steps:,} over {t.max_steps:,} optimizer steps\n{data_note}\n"
           f"resources: {resource_note(cfg)}")
 

@@ -154,6 +154,10 @@ def validate(cfg, origin: str = "config") -> None:
         fail("train.dtype", t.dtype, "float16 autocast needs a GPU (ray.use_gpu: true); use float32 or bfloat16 on CPU")
 
     positive(r, "num_workers", "ray")
+    try:
+        t.worker_batch(r.num_workers)
+    except ValueError as e:
+        fail("ray.num_workers", r.num_workers, str(e))
     positive(r, "cpus_per_worker", "ray", allow_zero=True)
     positive(r, "checkpoints_to_keep", "ray")
     positive(r, "max_failures", "ray", allow_zero=True)

@@ -35,4 +35,4 @@ def test_bench_refuses_a_worker_count_that_splits_the_batch_unevenly(embedded_da
     code = main(["--config", str(config_file), "--data", str(embedded_data), "--ray", "--workers", "1", "3",
                  "--json", str(out)])
     assert code == 2 and not out.exists()  # refused before the bare run, nothing written
-    assert "--workers 3: train.grad_accum_steps (2) must be divisible" in capsys.readouterr().err
+    assert "--workers 3: the 16 sequences per step (train.batch_size 8 x train.grad_accum_steps 2" in capsys.readouterr().err

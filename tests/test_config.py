@@ -26,6 +26,28 @@ def test_recipe_config_loads():
     assert cfg.train.batch_size * cfg.train.grad_accum_steps * cfg.train.block_size * cfg.train.max_steps >= 614_400_000
 
 
+@pytest.mark.parametrize("workers, micro, accum", [(1, 256, 4), (2, 256, 2), (4, 256, 1), (8, 128, 1), (16, 64, 1)])
+def test_recipe_keeps_its_effective_batch_on_any_worker_count(workers, micro, accum, capsys):
+    cfg = load_config(ROOT / "configs" / "gemma3-270m.yaml", [f"ray.num_workers={workers}"])
+    assert cfg.train.worker_batch(workers) == (micro, accum)
+    shard = cfg.train.for_worker(workers)  # what each worker's loop runs
+    assert (shard.batch_size, shard.grad_accum_steps, shard.split_over_workers) == (micro, accum, False)
+    assert shard.tokens_per_step(workers) == cfg.train.tokens_per_step(workers) == 1024 * 128
+    assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", f"ray.num_workers={workers}",
+                 "--dry-run"]) == 0
+    assert (f"tokens per optimizer step: 131,072 = {micro} seqs x 128 tokens x {accum} accumulation x "
+            f"{workers} worker(s)") in capsys.readouterr().out
+
+
+def test_split_over_workers_refuses_a_count_that_does_not_divide_the_step_before_ray(capsys):
+    with pytest.raises(ConfigError, match=r"'ray.num_workers' = 3: the 1024 sequences per step \(train.batch_size 256 x "
+                                          r"train.grad_accum_steps 4, train.split_over_workers: true\) do not split"):
+        load_config(ROOT / "configs" / "gemma3-270m.yaml", ["ray.num_workers=3"])
+    # Without the split each worker runs its own batch_size x grad_accum_steps, and any count goes.
+    cfg = load_config(ROOT / "configs" / "gemma3-270m.yaml", ["ray.num_workers=3", "train.split_over_workers=false"])
+    assert cfg.train.worker_batch(3) == (256, 4) and cfg.train.tokens_per_step(3) == 3 * 1024 * 128
+
+
 def test_yaml_1e_minus_4_is_a_number(tmp_path):
     cfg = load_config(write(tmp_path, "train:\n  learning_rate: 1e-4\n  min_lr: 1e-5\n"))
     assert cfg.train.learning_rate == 0.0001 and isinstance(cfg.train.learning_rate, float)
