@@ -12,10 +12,13 @@ time, NCCL kernel time and the part of it no compute kernel overlaps.
 Variant parts, joined with '+': `ddp` (DDP's defaults, as before parallel.py), `nobcast`
 (broadcast_buffers=False), `view` (gradient_as_bucket_view), `bf16` (bf16 all-reduce hook), `static`
 (static_graph), `bN` (bucket N MB), `split` (compiled inside DDP with Dynamo's DDPOptimizer:
-the graph cut at the buckets, as `train.ddp_split_graph: true`; put it last: it recompiles).
+the graph cut at the buckets, as `train.ddp_split_graph: true`; put it last: it recompiles), `ca`
+(compiled autograd: DDP compiled whole with Dynamo's "python_reducer", the backward traced with its
+all-reduces so that Inductor can overlap them without cutting the forward; put it last).
 """
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -49,7 +52,7 @@ def options(variant: str) -> dict:
             o["static_graph"] = True
         elif part.startswith("b") and part[1:].isdigit():
             o["bucket_mb"] = float(part[1:])
-        elif part not in ("ddp", "split"):
+        elif part not in ("ddp", "split", "ca"):
             raise SystemExit(f"unknown variant part {part!r}")
     return o
 
@@ -137,7 +140,7 @@ def worker(rank: int, world: int, args) -> None:
             f"busbw {algbw * 2 * (world - 1) / world / 1e9:.0f} GB/s", flush=True)
         del buf
 
-    def timed(model, micro, accum, steps, warmup, label):
+    def timed(model, micro, accum, steps, warmup, label, around=contextlib.nullcontext):
         def next_batch():
             x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
             return x[:, :-1], x[:, 1:]
@@ -145,7 +148,8 @@ def worker(rank: int, world: int, args) -> None:
         losses = []
 
         def step():
-            losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
+            with around():
+                losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
             clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -184,17 +188,30 @@ def worker(rank: int, world: int, args) -> None:
                 torch._dynamo.reset()
                 torch._dynamo.config.optimize_ddp = True
                 compiled = torch.compile(raw)
-            model = data_parallel(compiled, device, **options(variant))
-            med, warm, losses, step = timed(model, micro, accum // world, args.steps, args.warmup, variant)
+            around = contextlib.nullcontext
+            if "ca" in variant.split("+"):  # DDP built under the mode (it picks its reducer then), then compiled
+                torch._dynamo.reset()
+                torch._dynamo.config.optimize_ddp = "python_reducer"
+                model = torch.compile(data_parallel(raw, device, **options(variant)))
+
+                def around():
+                    return torch._dynamo.compiled_autograd._enable(torch.compile)
+            else:
+                model = data_parallel(compiled, device, **options(variant))
+            med, warm, losses, step = timed(model, micro, accum // world, args.steps, args.warmup, variant, around)
             meds = [None] * world
             dist.all_gather_object(meds, med)
             worst = max(meds)
+            # Every rank must hold the same weights after the steps (the gradients were averaged).
+            sums = [None] * world
+            dist.all_gather_object(sums, sum(float(p.double().sum()) for p in raw.parameters()))
+            agree = "yes" if max(sums) - min(sums) <= 1e-9 * max(abs(x) for x in sums) else f"NO {sums}"
             tps = args.sequences * cfg.train.block_size / worst
             scaling = tps / (world * args.sequences * cfg.train.block_size / alone)
             say(f"RESULT micro {micro} x {accum // world} per rank | {world} GPUs {variant}: step {worst * 1e3:.1f} ms | "
                 f"{tps:,.0f} tokens/s | scaling vs slowest GPU alone {scaling:.1%} "
                 f"| warm-up {warm:.0f} s | peak {peak_gb():.1f} GB | "
-                f"loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
+                f"loss {losses[0]:.4f} -> {losses[-1]:.4f} | ranks' weights agree: {agree}", flush=True)
             if variant in args.profile:
                 profile_step(step, rank, f"{variant}-mb{micro}", args.out)
             del model, step

@@ -9,8 +9,8 @@ matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 102
 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
 "auto"), `combo` (Inductor's combo kernels), `aggr` (Inductor's aggressive_fusion), `cudagraphs`
-(`mode="reduce-overhead"`), `plainkernels` (`model.fused_kernels: false`: PyTorch's cross-entropy and
-GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
+(`mode="reduce-overhead"`, each micro-batch a new graph step), `plainkernels` (`model.fused_kernels: false`:
+PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
 a percent or two.
@@ -75,12 +75,27 @@ def run(variant: str, cfg, profile: bool) -> None:
     raw = M.GemmaLM(cfg.model).to(device)
     optimizer = configure_optimizer(raw, cfg.train, "cuda")
     model = torch.compile(raw, mode=mode)
+    graphs = mode == "reduce-overhead"
+    if graphs:
+        # CUDA graphs replay into the same output memory: each micro-batch marks a new step, its loss is
+        # copied out before the next replay, and gradients are added into kept .grad tensors (zeroed,
+        # not freed) rather than taken over from the graph's memory.
+        compiled = model
+
+        def model(x, y):
+            logits, loss = compiled(x, y)
+            return logits, loss.clone()
+
+        for p in raw.parameters():
+            p.grad = torch.zeros_like(p)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator(device=device)
     gen.manual_seed(1)
 
     def next_batch():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
         return x[:, :-1], x[:, 1:]
 
@@ -90,7 +105,7 @@ def run(variant: str, cfg, profile: bool) -> None:
         losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
         clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not graphs)
 
     start = time.perf_counter()
     for _ in range(3):
@@ -108,8 +123,16 @@ def run(variant: str, cfg, profile: bool) -> None:
     if profile:
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            start = time.perf_counter()
             step()
             torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        from bench_ddp import intervals_union
+        kernels = [e.time_range for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
+        busy = sum(end - begin for begin, end in intervals_union([(k.start, k.end) for k in kernels])) / 1e6
+        print(f"PROFILE {variant}: step wall {1000 * wall:.1f} ms | GPU busy {1000 * busy:.1f} ms | "
+              f"GPU idle {1000 * (wall - busy):.1f} ms", flush=True)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
 

@@ -221,6 +221,8 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, 
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.callback import WorkerCallback  # Ray's hook into worker shutdown
 
+    from .torch_backend import torch_config
+
     class FinishWandbOnShutdown(WorkerCallback):
         """Ctrl-C aborts the run: Ray gives each worker 5 s, then kills it. W&B keeps records in memory
         until a 32 KiB block fills, so finish the open run in that time or its last evaluations are lost."""
@@ -234,6 +236,7 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, 
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
     return TorchTrainer(
         train_func,
+        torch_config=torch_config(r.use_gpu),  # torch set up on the workers only, not in Ray's controller
         train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir, "launch_time": launch_time,
                            "startup_marks": startup_marks or {}},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,

@@ -304,9 +304,11 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     master = env.rank == 0
     log = env.log if master else (lambda line: None)
 
-    # Model: same initial weights on every rank (DDP also broadcasts rank 0's at wrap time).
+    # Model: same initial weights on every rank (DDP also broadcasts rank 0's at wrap time), drawn where it
+    # trains: on a GPU that is milliseconds, against 1.7 s for the recipe's 165M weights on a CPU.
     torch.manual_seed(t.seed)
-    raw_model = GemmaLM(cfg.model).to(device)
+    with device:
+        raw_model = GemmaLM(cfg.model)
     dtype = autocast_dtype(t.dtype, device)
     parts = Parts(model=raw_model, raw_model=raw_model, optimizer=configure_optimizer(raw_model, t, device.type),
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
