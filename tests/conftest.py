@@ -38,6 +38,9 @@ def ray_cluster():
     """One local Ray for the session, sized for this 2-core machine, bound to 127.0.0.1."""
     import ray
 
+    from helpers import RAY_ENVIRON
+
+    RAY_ENVIRON.update(os.environ)  # what every worker process of this Ray inherits
     context = ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True,
                        runtime_env={"env_vars": {"WANDB_SILENT": "true"}})
     yield context  # .dashboard_url: the state API of this cluster, even with another Ray on the machine

@@ -4,6 +4,9 @@ from pathlib import Path
 
 from raypipe.config import Config
 
+# The environment the session's Ray (tests/conftest.py's ray_cluster) was started with: its workers'.
+RAY_ENVIRON: dict[str, str] = {}
+
 
 def tiny_config(data_dir: Path, storage: Path, **train) -> Config:
     """A model and run small enough for a few seconds of CPU per test."""

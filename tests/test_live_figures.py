@@ -3,7 +3,6 @@ compile lines, start-up and compile time in the summary, Ray's per-report lines 
 and the compile cache directory the workers get."""
 
 import json
-import os
 import re
 import tempfile
 import time
@@ -13,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import tiny_config
+from helpers import RAY_ENVIRON, tiny_config
 from raypipe.checkpoint import load_state
 from raypipe.driver import COMPILE_CACHE_ENV, compile_cache_env, worker_env_vars
 from raypipe.loop import Timed, WorkerEnv, train
@@ -172,6 +171,11 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
     cfg = tiny_run(embedded_data, tmp_path / "runs", max_steps=20, log_interval=5)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    # The session's Ray workers have the environment that Ray was started with: its setting, else the
+    # default (not this process's now: a compilation here may have set the variable since).
+    env = RAY_ENVIRON
+    expected = env.get("TORCHINDUCTOR_CACHE_DIR") or str(
+        Path(env.get(COMPILE_CACHE_ENV) or Path(tempfile.gettempdir()) / "raypipe-compile-cache") / "inductor")
     assert main(["--config", str(config_file), "--name", "live"]) == 0
     summary = json.loads((tmp_path / "runs" / "live" / "summary.json").read_text())
     assert 0 < summary["startup_s"] < summary["wall_time_s"] and summary["compile_s"] == 0.0
@@ -179,9 +183,6 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
     assert list(phases) == ["Ray ready", "worker started"]
     assert 0 < phases["Ray ready"] < phases["worker started"] < summary["startup_s"]
     assert summary["tokens_per_sec"] > 0 and 0 < summary["mfu"] < 1
-    # The fixture's Ray workers inherit this process's environment: its own setting, or the default.
-    expected = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(
-        Path(os.environ.get(COMPILE_CACHE_ENV) or Path(tempfile.gettempdir()) / "raypipe-compile-cache") / "inductor")
     assert summary["compile_cache_dir"] == expected
 
     out, deadline = "", time.time() + 30  # worker lines reach the driver through Ray's log monitor
