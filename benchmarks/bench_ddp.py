@@ -14,7 +14,9 @@ Variant parts, joined with '+': `ddp` (DDP's defaults, as before parallel.py), `
 (static_graph), `bN` (bucket N MB), `split` (compiled inside DDP with Dynamo's DDPOptimizer:
 the graph cut at the buckets, as `train.ddp_split_graph: true`; put it last: it recompiles), `ca`
 (compiled autograd: DDP compiled whole with Dynamo's "python_reducer", the backward traced with its
-all-reduces so that Inductor can overlap them without cutting the forward; put it last).
+all-reduces so that Inductor can overlap them without cutting the forward; put it last; it runs on
+torch 2.13 and failed to compile on torch 2.11, BENCHMARKS.md). Each result line also says whether
+every rank holds the same weights after the steps.
 """
 
 import argparse

@@ -1,11 +1,11 @@
 """Ray Train's torch process-group setup, without importing torch in Ray Train's controller.
 
 TorchTrainer's default `TorchConfig` is defined in a module that imports torch: the run's controller
-actor, which unpickles it, imports torch and ray.train.torch (about 6 s on an H100 host, 2.4 s on a
-small CPU machine) before it starts any worker, and never uses them. `LazyTorchConfig` is the same
-setup: each worker runs Ray's own functions (`ray.train.torch.config`) to set the torch.distributed
-environment, join the process group and leave it, called through this torch-free module. Torch is then
-imported only in the workers, and a launch reaches its first step that much sooner.
+actor, which unpickles it, imports torch and ray.train.torch before it starts any worker, and never
+uses them. `LazyTorchConfig` is the same setup: each worker runs Ray's own functions
+(`ray.train.torch.config`) to set the torch.distributed environment, join the process group and leave
+it, called through this torch-free module. Torch is then imported only in the workers: on an H100 host
+a launch reached its first step 1.7 s sooner on average (BENCHMARKS.md, start-up before and after).
 
 `torch_config()` falls back to Ray's `TorchConfig` where those functions are missing (another Ray).
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import ray
 from ray.train.backend import Backend, BackendConfig
@@ -31,7 +31,9 @@ def torch_config(use_gpu: bool) -> BackendConfig:
     backend = "nccl" if use_gpu else "gloo"
     from ray.train.torch import config as ray_torch  # the driver has torch already
 
-    if all(hasattr(ray_torch, name) for name in RAY_SETUP):
+    from ray.train._internal import utils as ray_utils
+
+    if all(hasattr(ray_torch, name) for name in RAY_SETUP) and hasattr(ray_utils, "get_address_and_port"):
         return LazyTorchConfig(backend=backend)
     return ray_torch.TorchConfig(backend=backend)
 
@@ -92,7 +94,7 @@ class LazyTorchBackend(Backend):
 
     def on_shutdown(self, worker_group, backend_config: LazyTorchConfig) -> None:
         futures = worker_group.execute_async(on_worker, "_shutdown_torch", destroy_process_group=len(worker_group) > 1)
-        timeout: Optional[float] = float(os.environ.get(SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT_S))
+        timeout = float(os.environ.get(SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT_S))
         try:
             ray.get(futures, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
