@@ -4,7 +4,7 @@ from pathlib import Path
 
 from raypipe.config import Config
 
-# The environment the session's Ray (tests/conftest.py's ray_cluster) was started with: its workers'.
+# The environment the test session's Ray (tests/conftest.py's ray_cluster) was started with: its workers'.
 RAY_ENVIRON: dict[str, str] = {}
 
 

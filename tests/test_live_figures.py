@@ -171,7 +171,7 @@ def test_ray_run_summary_console_and_compile_cache(ray_cluster, embedded_data, t
     cfg = tiny_run(embedded_data, tmp_path / "runs", max_steps=20, log_interval=5)
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(cfg.to_dict()))
-    # The session's Ray workers have the environment that Ray was started with: its setting, else the
+    # The test session's Ray workers have the environment that Ray was started with: its setting, else the
     # default (not this process's now: a compilation here may have set the variable since).
     env = RAY_ENVIRON
     expected = env.get("TORCHINDUCTOR_CACHE_DIR") or str(
