@@ -68,7 +68,7 @@ def main() -> None:
         for i in range(args.repeats):
             d = Path(tmp) / f"checkpoint_{i:07d}"
             saves.append(timed(partial(save_checkpoint, tmp, d.name, rank=0, rank_state=rank_state, model=model,
-                                       optimizer=optimizer, config=cfg, state=state)))
+                                       optimizer_state=optimizer.state_dict(), config=cfg, state=state)))
             # the digest part of that save: the same files hashed again as save_checkpoint does, right after
             digests.append(timed(partial(digest_all, d)))
             verifies.append(timed(partial(verify, d)))

@@ -15,7 +15,8 @@ Variant parts, joined with '+': `ddp` (DDP's defaults, as before parallel.py), `
 the graph cut at the buckets, as `train.ddp_split_graph: true`; put it last: it recompiles), `ca`
 (compiled autograd: DDP compiled whole with Dynamo's "python_reducer", the backward traced with its
 all-reduces so that Inductor can overlap them without cutting the forward; put it last; it runs on
-torch 2.13 and failed to compile on torch 2.11, BENCHMARKS.md). Each result line also says whether
+torch 2.13 and failed to compile on torch 2.11, BENCHMARKS.md), `zero1` (no DDP: raypipe.sharded_adamw's ZeRO-1
+reduce-scatter, sharded clip and AdamW, all-gather; `zero1+bf16` reduces in bf16). Each result line also says whether
 every rank holds the same weights after the steps.
 """
 
@@ -37,6 +38,7 @@ from raypipe.loop import clip_gradients, forward_backward  # noqa: E402
 from raypipe.model import GemmaLM  # noqa: E402
 from raypipe.optim import configure_optimizer  # noqa: E402
 from raypipe.parallel import data_parallel  # noqa: E402
+from raypipe.sharded_adamw import ShardedAdamW  # noqa: E402
 
 
 
@@ -54,7 +56,7 @@ def options(variant: str) -> dict:
             o["static_graph"] = True
         elif part.startswith("b") and part[1:].isdigit():
             o["bucket_mb"] = float(part[1:])
-        elif part not in ("ddp", "split", "ca"):
+        elif part not in ("ddp", "split", "ca", "zero1"):
             raise SystemExit(f"unknown variant part {part!r}")
     return o
 
@@ -142,7 +144,8 @@ def worker(rank: int, world: int, args) -> None:
             f"busbw {algbw * 2 * (world - 1) / world / 1e9:.0f} GB/s", flush=True)
         del buf
 
-    def timed(model, micro, accum, steps, warmup, label, around=contextlib.nullcontext):
+    def timed(model, micro, accum, steps, warmup, label, around=contextlib.nullcontext, opt=None):
+        opt = opt or optimizer
         def next_batch():
             x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
             return x[:, :-1], x[:, 1:]
@@ -152,9 +155,9 @@ def worker(rank: int, world: int, args) -> None:
         def step():
             with around():
                 losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
-            clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            clip_gradients(raw, opt, scaler, cfg.train.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
             sync()
 
         t0 = time.perf_counter()
@@ -190,8 +193,10 @@ def worker(rank: int, world: int, args) -> None:
                 torch._dynamo.reset()
                 torch._dynamo.config.optimize_ddp = True
                 compiled = torch.compile(raw)
-            around = contextlib.nullcontext
-            if "ca" in variant.split("+"):  # DDP built under the mode (it picks its reducer then), then compiled
+            around, opt = contextlib.nullcontext, None
+            if "zero1" in variant.split("+"):  # no DDP: the sharded optimizer reduces, clips, updates and gathers
+                model, opt = compiled, ShardedAdamW(raw, cfg.train, device, options(variant)["grad_dtype"])
+            elif "ca" in variant.split("+"):  # DDP built under the mode (it picks its reducer then), then compiled
                 torch._dynamo.reset()
                 torch._dynamo.config.optimize_ddp = "python_reducer"
                 model = torch.compile(data_parallel(raw, device, **options(variant)))
@@ -200,7 +205,7 @@ def worker(rank: int, world: int, args) -> None:
                     return torch._dynamo.compiled_autograd._enable(torch.compile)
             else:
                 model = data_parallel(compiled, device, **options(variant))
-            med, warm, losses, step = timed(model, micro, accum // world, args.steps, args.warmup, variant, around)
+            med, warm, losses, step = timed(model, micro, accum // world, args.steps, args.warmup, variant, around, opt)
             meds = [None] * world
             dist.all_gather_object(meds, med)
             worst = max(meds)

@@ -133,11 +133,11 @@ def file_digest(path: Path, pool: Optional[ThreadPoolExecutor] = None) -> dict:
 
 
 def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dict,
-                    model: Optional[torch.nn.Module] = None, optimizer: Optional[torch.optim.Optimizer] = None,
+                    model: Optional[torch.nn.Module] = None, optimizer_state: Optional[dict] = None,
                     config: Optional[Config] = None, state: Optional[dict] = None,
                     copy_files: Optional[dict[str, Path]] = None) -> Path:
     """Write `parent/name` through a temporary sibling and one rename: a crash leaves no partial
-    directory under the final name. Rank 0 passes model, optimizer, config and state. Every file's
+    directory under the final name. Rank 0 passes model, optimizer state, config and state. Every file's
     size and digest are recorded (manifest.json; rank_<r>.json for each rank's own file)."""
     from safetensors.torch import save_file
 
@@ -153,8 +153,9 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
             weights = model.state_dict()
             if config.model.tie_embeddings:  # safetensors stores a shared tensor once: drop the alias
                 weights.pop("lm_head.weight")
-            save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            # Cloned: parameters may be views into one buffer (raypipe/sharded_adamw.py), which safetensors refuses.
+            save_file({k: v.detach().clone() for k, v in weights.items()}, str(tmp / "model.safetensors"))
+            torch.save(optimizer_state, tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
             (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
             for dest, src in (copy_files or {}).items():

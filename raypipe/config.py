@@ -106,6 +106,9 @@ class TrainConfig:
     ddp_grad_dtype: str = "float32"  # float32 | bfloat16: dtype of the gradient all-reduce with several workers
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size, MB (several workers)
     ddp_split_graph: bool = False  # compile + several workers: split the graph at DDP's buckets (Dynamo's DDPOptimizer)
+    # several workers: ZeRO-1 instead of DDP (raypipe/sharded_adamw.py): gradients reduce-scattered in
+    # ddp_grad_dtype, each worker clips and updates 1/N of the parameters and keeps 1/N of AdamW's state
+    shard_optimizer: bool = False
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
 
     def tokens_per_step(self, world_size: int) -> int:

@@ -30,5 +30,9 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: s
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+    return adamw(groups, cfg, device_type)
+
+
+def adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
+    """torch's AdamW over `groups` with the run's betas; fused (one kernel over all tensors) on CUDA."""
+    return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")

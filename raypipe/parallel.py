@@ -10,6 +10,7 @@ micro-batch), with the choices measured for the recipe (BENCHMARKS.md, "Data-par
   gradient is rounded once before the sum); parameters, gradients and AdamW's state stay float32;
 - train.ddp_bucket_mb: DDP's bucket size.
 - train.ddp_split_graph: whether a compiled model's graph is cut at the buckets (see wrap_for_training).
+With train.shard_optimizer: true the loop runs ZeRO-1 (raypipe/sharded_adamw.py) instead, unwrapped.
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ def validate(cfg, origin: str = "config") -> None:
         fail("train.seed", t.seed, "must be 0 or more (numpy seeds the data streams with it)")
     if t.dtype == "float16" and not r.use_gpu:
         fail("train.dtype", t.dtype, "float16 autocast needs a GPU (ray.use_gpu: true); use float32 or bfloat16 on CPU")
+    if t.dtype == "float16" and t.shard_optimizer:  # each rank's scaler would see only its slice's overflows
+        fail("train.dtype", t.dtype, "float16's loss scaling does not run with train.shard_optimizer: true; "
+             "use bfloat16, or train.shard_optimizer: false")
 
     positive(r, "num_workers", "ray")
     try:

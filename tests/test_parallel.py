@@ -1,4 +1,5 @@
-"""raypipe.parallel: two gloo workers follow one worker's loss curve at the same effective batch."""
+"""raypipe.parallel and raypipe.sharded_adamw: two gloo workers follow one worker's loss curve at the same
+effective batch, under DDP and under ZeRO-1, whose gathered optimizer state is a single worker's."""
 
 import contextlib
 import json
@@ -14,6 +15,7 @@ from raypipe.loop import clip_gradients, forward_backward
 from raypipe.model import GemmaLM
 from raypipe.optim import configure_optimizer
 from raypipe.parallel import data_parallel
+from raypipe.sharded_adamw import ShardedAdamW
 
 STEPS, MICRO_BATCHES, MICRO, BLOCK, VOCAB = 12, 4, 4, 16, 256
 
@@ -27,17 +29,21 @@ def tiny() -> Config:
     return cfg
 
 
-def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, out: str) -> None:
-    """STEPS optimizer steps of MICRO_BATCHES micro-batches in all; rank r takes every world-th one."""
+def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, sharded: bool, out: str) -> None:
+    """STEPS optimizer steps of MICRO_BATCHES micro-batches in all; rank r takes every world-th one.
+    Rank 0 writes the losses to `out` and the optimizer's state_dict beside it."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = tiny()
     torch.manual_seed(0)
     raw = GemmaLM(cfg.model)
-    optimizer = configure_optimizer(raw, cfg.train, "cpu")
+    if sharded:
+        optimizer, model = ShardedAdamW(raw, cfg.train, torch.device("cpu"), grad_dtype), raw
+    else:
+        optimizer = configure_optimizer(raw, cfg.train, "cpu")
+        model = data_parallel(raw, torch.device("cpu"), grad_dtype=grad_dtype) if world > 1 else raw
     for group in optimizer.param_groups:  # a constant rate (the loop sets lr_at(step) before each step)
         group["lr"] = cfg.train.learning_rate
-    model = data_parallel(raw, torch.device("cpu"), grad_dtype=grad_dtype) if world > 1 else raw
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     losses = []
     for step in range(STEPS):
@@ -50,19 +56,23 @@ def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, out: s
         clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    state = optimizer.state_dict()  # a collective when sharded
     if rank == 0:
         with open(out, "w") as f:
             json.dump(losses, f)
+        torch.save(state, f"{out}.optimizer.pt")
     if world > 1:
+        dist.barrier()  # no rank tears its group down while another is still writing
         dist.destroy_process_group()
 
 
-def curve(tmp_path, world: int, grad_dtype: str = "float32") -> list[float]:
-    out, init = tmp_path / f"losses-{world}-{grad_dtype}.json", tmp_path / f"init-{world}-{grad_dtype}"
+def curve(tmp_path, world: int, grad_dtype: str = "float32", sharded: bool = False) -> list[float]:
+    name = f"{world}-{grad_dtype}-{'sharded' if sharded else 'ddp'}"
+    out, init = tmp_path / f"losses-{name}.json", tmp_path / f"init-{name}"
     if world == 1:
-        losses_of_run(0, 1, str(init), grad_dtype, str(out))
+        losses_of_run(0, 1, str(init), grad_dtype, sharded, str(out))
     else:
-        mp.spawn(losses_of_run, args=(world, str(init), grad_dtype, str(out)), nprocs=world, join=True)
+        mp.spawn(losses_of_run, args=(world, str(init), grad_dtype, sharded, str(out)), nprocs=world, join=True)
     return json.loads(out.read_text())
 
 
@@ -80,8 +90,66 @@ def test_two_workers_follow_one_and_bf16_gradients_stay_within_tolerance(tmp_pat
     assert two_bf16 != two  # the bf16 hook did run
 
 
+def test_zero1_follows_one_worker_and_gathers_a_single_workers_optimizer_state(tmp_path):
+    one = curve(tmp_path, 1)
+    sharded = curve(tmp_path, 2, sharded=True)
+    sharded_bf16 = curve(tmp_path, 2, "bfloat16", sharded=True)
+    assert one[-1] < one[0] - 0.1
+    # Reduce-scatter, clip by the global norm, update each half, all-gather: the same step as one worker's.
+    assert max(abs(a - b) for a, b in zip(one, sharded)) < 1e-4
+    assert max(abs(a - b) / a for a, b in zip(one, sharded_bf16)) < 0.02 and sharded_bf16 != sharded
+
+    # The gathered state is torch AdamW's own, entry by entry: what one worker holds after the same steps.
+    reference = torch.load(tmp_path / "losses-1-float32-ddp.json.optimizer.pt")
+    gathered = torch.load(tmp_path / "losses-2-float32-sharded.json.optimizer.pt")
+    assert gathered["param_groups"] == reference["param_groups"]
+    assert gathered["state"].keys() == reference["state"].keys() and len(reference["state"]) > 10
+    for i, entry in reference["state"].items():
+        assert entry.keys() == gathered["state"][i].keys()
+        assert torch.equal(entry["step"], gathered["state"][i]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert entry[key].shape == gathered["state"][i][key].shape
+            assert torch.allclose(entry[key], gathered["state"][i][key], rtol=1e-3, atol=1e-7), (i, key)
+    # It loads into a plain AdamW of the same model.
+    plain = configure_optimizer(GemmaLM(tiny().model), tiny().train, "cpu")
+    plain.load_state_dict(gathered)
+    assert torch.equal(plain.state_dict()["state"][0]["exp_avg"], gathered["state"][0]["exp_avg"])
+
+
+def sharded_round_trip(rank: int, world: int, init_file: str, state_file: str) -> None:
+    """Each rank loads its slice of a whole state; gathered again, it must be the same state."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cfg = tiny()
+    optimizer = ShardedAdamW(GemmaLM(cfg.model), cfg.train, torch.device("cpu"))
+    saved = torch.load(state_file)
+    optimizer.load_state_dict(saved)
+    again = optimizer.state_dict()
+    if rank == 0:
+        assert again["param_groups"] == saved["param_groups"]
+        for i, entry in saved["state"].items():
+            for key, value in entry.items():
+                assert torch.equal(value, again["state"][i][key]), (i, key)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_zero1_loads_a_whole_state_on_three_ranks_and_gives_it_back(tmp_path):
+    # Three ranks: slices that start and end inside parameters and inside both weight-decay groups.
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = GemmaLM(cfg.model)
+    plain = configure_optimizer(model, cfg.train, "cpu")
+    model(torch.randint(0, VOCAB, (2, BLOCK)), torch.randint(0, VOCAB, (2, BLOCK)))[1].backward()
+    plain.step()
+    plain.param_groups[0]["lr"] = 0.123  # a group's hyperparameters travel too
+    torch.save(plain.state_dict(), tmp_path / "state.pt")
+    mp.spawn(sharded_round_trip, args=(3, str(tmp_path / "init"), str(tmp_path / "state.pt")), nprocs=3, join=True)
+
+
 def test_bad_ddp_keys_are_refused_with_the_key_and_what_is_expected():
     with pytest.raises(ConfigError, match=r"train.ddp_grad_dtype.*'float16'.*expected one of float32, bfloat16"):
         load_config(None, ["train.ddp_grad_dtype=float16"])
     with pytest.raises(ConfigError, match=r"train.ddp_bucket_mb.*greater than 0"):
         load_config(None, ["train.ddp_bucket_mb=0"])
+    with pytest.raises(ConfigError, match=r"train.dtype.*'float16'.*does not run with train.shard_optimizer: true"):
+        load_config(None, ["train.dtype=float16", "ray.use_gpu=true", "train.shard_optimizer=true"])

@@ -55,9 +55,12 @@ def test_exact_resume_one_worker(embedded_data, tmp_path):
     assert_same_run(tmp_path / "full" / "checkpoint_0000020", tmp_path / "part" / "checkpoint_0000020")
 
 
-def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_path, capsys):
+@pytest.mark.parametrize("shard_optimizer", [False, True], ids=["ddp", "zero1"])
+def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_path, capsys, shard_optimizer):
+    # zero1: each rank's slice of AdamW's state is gathered into the checkpoint and sliced again on resume.
     cfg = tiny_config(embedded_data, tmp_path / "runs", max_steps=12, eval_interval=3)
     cfg.ray.num_workers, cfg.wandb.mode, cfg.train.sample_tokens = 2, "offline", 0
+    cfg.train.shard_optimizer = shard_optimizer
     cfg.ray.checkpoints_to_keep = 10
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
@@ -136,7 +139,7 @@ model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[
 rank_state = capture_rank_state(torch.Generator(), torch.device("cpu"))
 for step in range(1, 10_000):
     save_checkpoint({str(tmp_path)!r}, f"checkpoint_{{step:07d}}", rank=0, rank_state=rank_state, model=model,
-                    optimizer=opt, config=cfg, state={{"step": step, "world_size": 1}})
+                    optimizer_state=opt.state_dict(), config=cfg, state={{"step": step, "world_size": 1}})
     print(step, flush=True)
 """)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
