@@ -97,7 +97,7 @@ def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, sca
     """Clip the global gradient norm to `max_norm` (0: don't); return the norm before clipping."""
     max_norm = max_norm if max_norm > 0 else float("inf")
     if isinstance(optimizer, ShardedAdamW):  # reduces the gradients first: each rank clips its own slice
-        return float(optimizer.clip_grad_norm_(max_norm))
+        return float(optimizer.reduce_and_clip(max_norm))
     scaler.unscale_(optimizer)  # no-op unless float16; clipping must see the true gradients
     return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
 

@@ -35,8 +35,8 @@ class ShardedAdamW:
     """AdamW sharded over the default process group's ranks (ZeRO stage 1).
 
     Used as the loop uses torch's optimizer (param_groups' "lr", step, zero_grad, state_dict,
-    load_state_dict) plus `clip_grad_norm_`, which also reduces the gradients: call it once per step,
-    after the backward and before `step`. Every method but `param_groups` is a collective.
+    load_state_dict), plus `reduce_and_clip`: call it once per step, after the backward and before
+    `step`. Every method but `param_groups` and `zero_grad` is a collective.
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, grad_dtype: str = "float32"):
@@ -86,7 +86,7 @@ class ShardedAdamW:
     def my_slice(self, flat: torch.Tensor) -> torch.Tensor:
         return flat[self.rank * self.shard:(self.rank + 1) * self.shard]
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
         """Reduce the accumulated gradients to this rank's slice (their mean over ranks), clip it with
         the global norm as torch.nn.utils.clip_grad_norm_ does, and return that norm before clipping."""
         mine = self.my_slice(self.flat_grad)
