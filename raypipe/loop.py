@@ -27,11 +27,11 @@ from .checkpoint import (Resume, capture_rank_state, check_compatible, checkpoin
 from .config import Config
 from .data import BatchSampler, CudaPrefetcher, read_meta
 from .sampling import cut_at, generate
-from .sharded_adamw import ShardedAdamW
 from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at
 from .parallel import wrap_for_training
 from .provenance import code_version
+from .sharded_adamw import ShardedAdamW
 from .throughput import CompileWatch, Figures, StepClock, measure_peak_flops, progress_line
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
