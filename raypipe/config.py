@@ -103,6 +103,9 @@ class TrainConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: bf16 on a GPU that has it, else fp32)
     compile: bool = False  # torch.compile the model (GPU configs turn it on; slow to start on CPU)
     prefetch: bool = True  # CUDA: copy the next batch on a side stream while the current one computes
+    # compile on CUDA: replay each micro-batch as CUDA graphs (mode="reduce-overhead"), for small micro-batches
+    # where the host's kernel launches set the pace; one worker or train.shard_optimizer only
+    cuda_graphs: bool = False
     ddp_grad_dtype: str = "float32"  # float32 | bfloat16: dtype of the gradient all-reduce with several workers
     ddp_bucket_mb: float = 25.0  # DDP's gradient bucket size, MB (several workers)
     ddp_split_graph: bool = False  # compile + several workers: split the graph at DDP's buckets (Dynamo's DDPOptimizer)

@@ -120,6 +120,40 @@ def estimate_loss(model: torch.nn.Module, eval_iters: int, autocast, batches: di
     return out
 
 
+class GraphSteps:
+    """The compiled model replayed as CUDA graphs (train.cuda_graphs), one graph step per micro-batch.
+
+    A replay writes its outputs into the graph's own memory, so the loss is copied out before the next
+    one, and the parameters' gradients must already exist: the backward adds into them in place
+    (`step_model` zeroes them once; the loop then zeroes instead of freeing them).
+    """
+
+    def __init__(self, compiled: Callable):
+        self.compiled = compiled
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor):
+        torch.compiler.cudagraph_mark_step_begin()
+        logits, loss = self.compiled(x, y)
+        return logits, loss.clone()
+
+
+def step_model(raw_model: GemmaLM, t, device: torch.device, world_size: int, sharded: bool):
+    """What a training step runs: the model compiled (and replayed as CUDA graphs) as `t` asks, and
+    wrapped in DDP with several workers unless the optimizer is sharded (ZeRO-1 reduces on its own)."""
+    if not t.compile:
+        model = raw_model
+    elif t.cuda_graphs and device.type == "cuda":
+        for p in raw_model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        model = GraphSteps(torch.compile(raw_model, mode="reduce-overhead"))
+    else:
+        model = torch.compile(raw_model)
+    if world_size > 1 and not sharded:
+        model = wrap_for_training(model, device, t)
+    return model
+
+
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return values
@@ -224,7 +258,7 @@ def optimizer_step(parts: Parts, next_batch: Callable, step: int, t, streak: int
                                  f"(step {state.history[-1]['step'] if state.history else 'none'}) is intact. "
                                  "Lower train.learning_rate or train.grad_clip, or check the data.")
     parts.scaler.update()
-    parts.optimizer.zero_grad(set_to_none=True)
+    parts.optimizer.zero_grad(set_to_none=not isinstance(parts.model, GraphSteps))  # graphs: gradients kept in place
     return lr, loss, grad_norm, streak
 
 
@@ -344,10 +378,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     if device.type == "cuda" and t.prefetch:  # after a resume has set the sampler's position
         train_batches = CudaPrefetcher(train_batches)
     next_train_batch = Timed(train_batches)
-    model = torch.compile(raw_model) if t.compile else raw_model
-    if env.world_size > 1 and not sharded:
-        model = wrap_for_training(model, device, t)
-    parts.model = model
+    parts.model = step_model(raw_model, t, device, env.world_size, sharded)
 
     data_files = checkpoint_data_files(meta, data_dir)
     tokenizer = load_sampling_tokenizer(meta, data_dir, env) if master and t.sample_tokens else None

@@ -152,6 +152,12 @@ def validate(cfg, origin: str = "config") -> None:
         fail("train.seed", t.seed, "must be 0 or more (numpy seeds the data streams with it)")
     if t.dtype == "float16" and not r.use_gpu:
         fail("train.dtype", t.dtype, "float16 autocast needs a GPU (ray.use_gpu: true); use float32 or bfloat16 on CPU")
+    if t.cuda_graphs and not (t.compile and r.use_gpu):
+        fail("train.cuda_graphs", t.cuda_graphs, "CUDA graphs replay the compiled model on a GPU: "
+             "they need train.compile: true and ray.use_gpu: true")
+    if t.cuda_graphs and r.num_workers > 1 and not t.shard_optimizer:  # DDP's hooks are not replayed
+        fail("train.cuda_graphs", t.cuda_graphs, f"with ray.num_workers {r.num_workers}, CUDA graphs run only "
+             "with train.shard_optimizer: true (not under DDP)")
     if t.dtype == "float16" and t.shard_optimizer:  # each rank's scaler would see only its slice's overflows
         fail("train.dtype", t.dtype, "float16's loss scaling does not run with train.shard_optimizer: true; "
              "use bfloat16, or train.shard_optimizer: false")

@@ -111,3 +111,27 @@ def test_checkpoint_interval_reports_every_eval_and_checkpoints_less_often(embed
     train(cfg, WorkerEnv(report=lambda m, c: reports.append((m["step"], c and c.name)), log=lambda _: None))
     assert reports == [(10, None), (20, "checkpoint_0000020"), (30, None), (40, "checkpoint_0000040"),
                        (50, "checkpoint_0000050")]  # the last step always gets one
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run():
+    from raypipe.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match=r"train.cuda_graphs.*need train.compile: true and ray.use_gpu: true"):
+        load_config(None, ["train.cuda_graphs=true", "train.compile=true"])  # the default runs on CPU
+    with pytest.raises(ConfigError, match=r"train.cuda_graphs.*ray.num_workers 2.*train.shard_optimizer: true"):
+        load_config(None, ["train.cuda_graphs=true", "train.compile=true", "ray.use_gpu=true", "ray.num_workers=2"])
+    load_config(None, ["train.cuda_graphs=true", "train.compile=true", "ray.use_gpu=true", "ray.num_workers=2",
+                       "train.shard_optimizer=true"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_cuda_graphs_train_as_the_compiled_model_does(embedded_data, tmp_path):
+    def run(graphs: bool) -> dict:
+        cfg = tiny_config(embedded_data, tmp_path / f"graphs-{graphs}", max_steps=8, eval_interval=4, compile=True,
+                          cuda_graphs=graphs, sample_tokens=0)
+        cfg.wandb.mode, cfg.ray.use_gpu = "disabled", True
+        return train(cfg, WorkerEnv(device=torch.device("cuda"), log=lambda _: None))
+
+    plain, graphs = run(False), run(True)
+    assert graphs["history"][-1]["val_loss"] < graphs["history"][0]["val_loss"]  # it trains
+    for a, b in zip(plain["history"], graphs["history"]):  # the same kernels, replayed
+        assert abs(a["val_loss"] - b["val_loss"]) < 1e-3 and abs(a["step_loss"] - b["step_loss"]) < 1e-3
