@@ -137,9 +137,21 @@ def dry_run(cfg: Config) -> None:
           f"outputs: {cfg.ray.storage_path.rstrip('/')}/{cfg.ray.name}\n"
           f"parameters: {model.num_params():,} (output head {head}; vocab {cfg.model.vocab_size})\n"
           f"tokens per optimizer step: {per_step:,} = {micro} seqs x {t.block_size} tokens x "
-          f"{accum} accumulation x {cfg.ray.num_workers} worker(s)\n"
+          f"{accum} accumulation x {cfg.ray.num_workers} worker(s)\n{parallel_note(t, cfg.ray.num_workers)}"
           f"token budget: {per_step * t.max_steps:,} over {t.max_steps:,} optimizer steps\n{data_note}\n"
           f"resources: {resource_note(cfg)}")
+
+
+def parallel_note(t, workers: int) -> str:
+    """How several workers share a step (nothing for one), ending in a newline."""
+    if workers == 1:
+        return ""
+    graphs = ", CUDA graphs" if t.cuda_graphs else ""
+    if t.shard_optimizer:
+        return (f"data parallel: ZeRO-1 ({t.ddp_grad_dtype} reduce-scatter; each worker updates and keeps AdamW's "
+                f"state for 1/{workers} of the weights{graphs})\n")
+    graph = ("the compiled graph cut at its buckets" if t.ddp_split_graph else "one compiled graph") if t.compile else "eager"
+    return f"data parallel: DDP ({t.ddp_grad_dtype} all-reduce of the whole gradient, {graph})\n"
 
 
 def resource_note(cfg: Config) -> str:

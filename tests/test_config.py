@@ -35,8 +35,11 @@ def test_recipe_keeps_its_effective_batch_on_any_worker_count(workers, micro, ac
     assert shard.tokens_per_step(workers) == cfg.train.tokens_per_step(workers) == 1024 * 128
     assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", f"ray.num_workers={workers}",
                  "--dry-run"]) == 0
+    out = capsys.readouterr().out
     assert (f"tokens per optimizer step: 131,072 = {micro} seqs x 128 tokens x {accum} accumulation x "
-            f"{workers} worker(s)") in capsys.readouterr().out
+            f"{workers} worker(s)") in out
+    assert ((f"data parallel: ZeRO-1 (float32 reduce-scatter; each worker updates and keeps AdamW's state for "
+             f"1/{workers} of the weights)") in out) == (workers > 1)
 
 
 def test_split_over_workers_refuses_a_count_that_does_not_divide_the_step_before_ray(capsys):
