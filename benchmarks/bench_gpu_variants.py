@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from raypipe import model as M
 from raypipe.config import load_config
-from raypipe.loop import clip_gradients, forward_backward
+from raypipe.loop import GraphSteps, clip_gradients, forward_backward
 from raypipe.optim import configure_optimizer
 
 FUSED = M.fused_linear
@@ -74,28 +74,16 @@ def run(variant: str, cfg, profile: bool) -> None:
     torch.manual_seed(0)
     raw = M.GemmaLM(cfg.model).to(device)
     optimizer = configure_optimizer(raw, cfg.train, "cuda")
-    model = torch.compile(raw, mode=mode)
     graphs = mode == "reduce-overhead"
-    if graphs:
-        # CUDA graphs replay into the same output memory: each micro-batch marks a new step, its loss is
-        # copied out before the next replay, and gradients are added into kept .grad tensors (zeroed,
-        # not freed) rather than taken over from the graph's memory.
-        compiled = model
-
-        def model(x, y):
-            logits, loss = compiled(x, y)
-            return logits, loss.clone()
-
-        for p in raw.parameters():
-            p.grad = torch.zeros_like(p)
+    # CUDA graphs as the loop replays them (train.cuda_graphs): a graph step per micro-batch, the loss
+    # copied out, gradients kept in place (zeroed, not freed).
+    model = GraphSteps(raw) if graphs else torch.compile(raw, mode=mode)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator(device=device)
     gen.manual_seed(1)
 
     def next_batch():
-        if graphs:
-            torch.compiler.cudagraph_mark_step_begin()
         x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
         return x[:, :-1], x[:, 1:]
 

@@ -121,15 +121,18 @@ def estimate_loss(model: torch.nn.Module, eval_iters: int, autocast, batches: di
 
 
 class GraphSteps:
-    """The compiled model replayed as CUDA graphs (train.cuda_graphs), one graph step per micro-batch.
+    """`model` compiled and replayed as CUDA graphs (train.cuda_graphs), one graph step per micro-batch.
 
     A replay writes its outputs into the graph's own memory, so the loss is copied out before the next
-    one, and the parameters' gradients must already exist: the backward adds into them in place
-    (`step_model` zeroes them once; the loop then zeroes instead of freeing them).
+    one, and the parameters' gradients must already exist: the backward adds into them in place (they
+    are created here; the optimizer then zeroes instead of freeing them).
     """
 
-    def __init__(self, compiled: Callable):
-        self.compiled = compiled
+    def __init__(self, model: torch.nn.Module):
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.compiled = torch.compile(model, mode="reduce-overhead")
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor):
         torch.compiler.cudagraph_mark_step_begin()
@@ -143,10 +146,7 @@ def step_model(raw_model: GemmaLM, t, device: torch.device, world_size: int, sha
     if not t.compile:
         model = raw_model
     elif t.cuda_graphs and device.type == "cuda":
-        for p in raw_model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        model = GraphSteps(torch.compile(raw_model, mode="reduce-overhead"))
+        model = GraphSteps(raw_model)
     else:
         model = torch.compile(raw_model)
     if world_size > 1 and not sharded:
