@@ -16,6 +16,7 @@ import glob
 import netrc
 import os
 import struct
+import time
 import zlib
 from pathlib import Path
 from typing import Optional
@@ -57,16 +58,21 @@ def _log_records(path: str):
             parts = []
 
 
+def _records(path: str):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for payload in _log_records(path):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        yield record
+
+
 def offline_logged_step(wandb_dir: str | Path, run_id: str) -> int:
     """The highest history step that earlier offline segments of W&B run `run_id` wrote to disk
     under `wandb_dir`, or -1. Each segment's file holds a prefix of what it logged, in step order."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
     last = -1
     for path in glob.glob(os.path.join(str(wandb_dir), "wandb", f"offline-run-*-{run_id}", f"run-{run_id}.wandb")):
-        for payload in _log_records(path):
-            record = pb.Record()
-            record.ParseFromString(payload)
+        for record in _records(path):
             if record.WhichOneof("record_type") == "history":
                 last = max([last] + [int(i.value_json) for i in record.history.item
                                      if (i.key or ".".join(i.nested_key)) == "_step"])
@@ -74,6 +80,18 @@ def offline_logged_step(wandb_dir: str | Path, run_id: str) -> int:
 
 
 _open: list["Tracker"] = []  # the tracker of this process whose run is open (rank 0 logs, one run at a time)
+
+
+def wait_for_exit_record(path: str, timeout: float = 30.0) -> bool:
+    """Wait until W&B's service has written the run's exit record to its transaction log. Offline,
+    `run.finish()` can return before the service writes the file's last block (under load, seconds
+    before): a process that exits or is killed right then would leave the last evaluations unwritten."""
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(path) and any(r.WhichOneof("record_type") == "exit" for r in _records(path))):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def finish_open_run() -> None:
@@ -140,4 +158,8 @@ class Tracker:
         if run:
             if self in _open:
                 _open.remove(self)
+            log_file = run.settings.sync_file
             run.finish()
+            if self.mode == "offline" and not wait_for_exit_record(log_file):
+                print(f"[raypipe] W&B: {log_file} has no exit record 30 s after the run finished; "
+                      "its last records may be missing", flush=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from raypipe.config import Config
-from raypipe.tracking import Tracker, finish_open_run, offline_logged_step
-from wandb_offline import read_run_history, segments, wait_finished
+from raypipe.tracking import Tracker, finish_open_run, offline_logged_step, wait_for_exit_record
+from wandb_offline import read_run_history, segments
 
 
 def evaluation(step: int) -> dict:
@@ -73,7 +73,6 @@ def test_evaluations_lost_by_a_killed_run_are_logged_again_on_resume(tmp_path):
     tracker.log({"step_loss": 0.4}, step=21)
     tracker.log(evaluation(30), step=30)
     tracker.finish()
-    wait_finished(str(tmp_path), run_id)
     assert len(segments(str(tmp_path), run_id)) == 2
     assert evals(read_run_history(str(tmp_path), run_id)) == [(s, 10.0 / s) for s in (10, 20, 30)]
 
@@ -106,7 +105,6 @@ def test_a_killed_process_that_inherited_a_wandb_service_can_be_resumed(tmp_path
                           timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = proc.stdout.strip()
-    wait_finished(str(tmp_path), run_id)
     assert evals(read_run_history(str(tmp_path), run_id)) == [(10, 1.0), (20, 0.5)]
 
 
@@ -116,7 +114,6 @@ def test_what_the_earlier_segment_holds_is_not_logged_twice(tmp_path):
         first.log(evaluation(step) if step % 10 == 0 else {"step_loss": 1.0 / step}, step=step)
     first.finish()  # a clean end: W&B wrote everything, up to step 25
     run_id = first.run_id
-    wait_finished(str(tmp_path), run_id)
     assert offline_logged_step(tmp_path, run_id) == 25
     next_second()
 
@@ -125,7 +122,6 @@ def test_what_the_earlier_segment_holds_is_not_logged_twice(tmp_path):
     for step in (25, 30):
         second.log(evaluation(step) if step % 10 == 0 else {"step_loss": 1.0 / step}, step=step)
     second.finish()
-    wait_finished(str(tmp_path), run_id)
     rows = read_run_history(str(tmp_path), run_id)
     steps = [r["_step"] for r in rows]
     assert steps == [5, 10, 15, 20, 25, 30]  # each once, in order across both segments
@@ -137,13 +133,14 @@ def test_a_torn_transaction_log_counts_only_its_whole_records(tmp_path):
     for step in range(1, 61):  # a few blocks of 32 KiB
         tracker.log({"step_loss": 1.0 / step, "text": "x" * 1500}, step=step)
     tracker.finish()
-    wait_finished(str(tmp_path), tracker.run_id)
     (folder,) = segments(str(tmp_path), tracker.run_id)
     log = Path(folder) / f"run-{tracker.run_id}.wandb"
     assert offline_logged_step(tmp_path, tracker.run_id) == 60
     data = log.read_bytes()
     assert len(data) > 3 * 32768
     log.write_bytes(data[: 2 * 32768 + 1000])  # a kill while writing the third block
+    started = time.monotonic()
+    assert not wait_for_exit_record(str(log), timeout=0.5) and time.monotonic() - started < 5
     held = offline_logged_step(tmp_path, tracker.run_id)
     assert 1 < held < 60
     log.write_bytes(data[:32768] + b"\xff" * 1000)  # garbage after a whole block: ignored, not an error
@@ -154,7 +151,6 @@ def test_a_new_run_from_a_checkpoint_starts_with_its_history(tmp_path):
     tracker = Tracker(wandb_cfg(), "fresh", {}, tmp_path, history=[evaluation(20), evaluation(10)])
     tracker.log(evaluation(30), step=30)
     tracker.finish()
-    wait_finished(str(tmp_path), tracker.run_id)
     assert evals(read_run_history(str(tmp_path), tracker.run_id)) == [(s, 10.0 / s) for s in (10, 20, 30)]
 
 
@@ -167,6 +163,5 @@ def test_a_shutdown_finishes_the_open_run_from_another_thread(tmp_path):
     shutdown.join()
     tracker.log(evaluation(20), step=20)  # the training thread goes on until it is killed: no error
     tracker.finish()
-    wait_finished(str(tmp_path), tracker.run_id)
     assert evals(read_run_history(str(tmp_path), tracker.run_id)) == [(10, 1.0)]
     finish_open_run()  # nothing open any more

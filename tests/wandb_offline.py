@@ -33,17 +33,6 @@ def read_run_history(wandb_dir: str, run_id: str) -> list[dict]:
     return [row for run_dir in segments(wandb_dir, run_id) for row in read_history(run_dir)]
 
 
-def wait_finished(wandb_dir: str, run_id: str, timeout: float = 20) -> None:
-    """Wait for the exit record of the run's last segment: `run.finish()` can return a few
-    milliseconds before W&B's service has written the file's last block."""
-    import time
-
-    deadline = time.time() + timeout
-    while not any(r.WhichOneof("record_type") == "exit" for r in _records(segments(wandb_dir, run_id)[-1])):
-        assert time.time() < deadline, f"{run_id}: no exit record after {timeout}s"
-        time.sleep(0.02)
-
-
 def _records(run_dir: str):
     from wandb.proto import wandb_internal_pb2 as pb
 
