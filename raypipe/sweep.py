@@ -119,7 +119,10 @@ def _row(spec: SweepSpec, params: dict, result) -> dict:
         best_ckpt, early = summary["best_checkpoint"], False
     else:  # stopped by the scheduler: its last checkpoint holds the history it got to
         last = latest_checkpoint(run_dir)
-        history = load_state(last)["history"] if last else []
+        # Up to the last step Tune recorded: the trial's workers stop a moment after Tune has decided
+        # (and `fit()` has returned), and may write a checkpoint or two that no scheduler decision saw.
+        reached = (result.metrics or {}).get("step", math.inf)
+        history = [h for h in load_state(last)["history"] if h["step"] <= reached] if last else []
         best = min(history, key=lambda h: h["val_loss"], default=None)
         best_ckpt = str(run_dir / checkpoint_name(best["step"])) if best else None
         early = bool(history) and history[-1]["step"] < spec.base.train.max_steps

@@ -55,8 +55,13 @@ def test_lr_sweep_with_asha(ray_cluster, embedded_data, tmp_path):
     assert len(rows) == 4
     assert any(r["stopped_early"] == "True" and int(r["steps"]) < 40 for r in rows), "ASHA stopped nothing"
     assert any(r["stopped_early"] == "False" and int(r["steps"]) == 40 for r in rows)
-    for r in rows:  # the table agrees with each trial's own files
-        history = trial_history(Path(r["run_dir"]))
+    recorded = {}  # trial id -> the last step Tune recorded for it (each trial's result.json)
+    for path in out.glob("*/result.json"):
+        results = [json.loads(line) for line in path.read_text().splitlines()]
+        recorded[results[-1]["trial_id"]] = results[-1]["step"]
+    for r in rows:  # the table agrees with what Tune recorded, and with each trial's own files up to it
+        assert int(r["steps"]) == recorded[r["trial_id"]]
+        history = [h for h in trial_history(Path(r["run_dir"])) if h["step"] <= int(r["steps"])]
         assert float(r["best_val_loss"]) == pytest.approx(min(h["val_loss"] for h in history))
         assert int(r["steps"]) == history[-1]["step"]
         assert float(r["train.min_lr"]) == pytest.approx(float(r["train.learning_rate"]) * 0.1)
