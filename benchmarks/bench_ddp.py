@@ -16,12 +16,15 @@ the graph cut at the buckets, as `train.ddp_split_graph: true`; put it last: it 
 (compiled autograd: DDP compiled whole with Dynamo's "python_reducer", the backward traced with its
 all-reduces so that Inductor can overlap them without cutting the forward; put it last; it runs on
 torch 2.13 and failed to compile on torch 2.11, BENCHMARKS.md), `zero1` (no DDP: raypipe.sharded_adamw's ZeRO-1
-reduce-scatter, sharded clip and AdamW, all-gather; `zero1+bf16` reduces in bf16). Each result line also says whether
+reduce-scatter, sharded clip and AdamW, all-gather; `zero1+bf16` reduces in bf16), `zero1+overlap` (a fresh model with
+each block compiled on its own, `train.overlap_comm`: each block's reduce-scatter during the backward, its
+all-gather during the next forward). Each result line also says whether
 every rank holds the same weights after the steps.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import statistics
 import sys
@@ -34,7 +37,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypipe.config import load_config  # noqa: E402
-from raypipe.loop import clip_gradients, forward_backward  # noqa: E402
+from raypipe.loop import clip_gradients, compile_blocks, forward_backward  # noqa: E402
 from raypipe.model import GemmaLM  # noqa: E402
 from raypipe.optim import configure_optimizer  # noqa: E402
 from raypipe.parallel import data_parallel  # noqa: E402
@@ -56,7 +59,7 @@ def options(variant: str) -> dict:
             o["static_graph"] = True
         elif part.startswith("b") and part[1:].isdigit():
             o["bucket_mb"] = float(part[1:])
-        elif part not in ("ddp", "split", "ca", "zero1"):
+        elif part not in ("ddp", "split", "ca", "zero1", "overlap"):
             raise SystemExit(f"unknown variant part {part!r}")
     return o
 
@@ -194,7 +197,13 @@ def worker(rank: int, world: int, args) -> None:
                 torch._dynamo.config.optimize_ddp = True
                 compiled = torch.compile(raw)
             around, opt = contextlib.nullcontext, None
-            if "zero1" in variant.split("+"):  # no DDP: the sharded optimizer reduces, clips, updates and gathers
+            weights = raw  # the model whose weights the ranks must agree on
+            if "overlap" in variant.split("+"):  # a fresh model: the optimizer's hooks stay on the one it is built on
+                torch.manual_seed(0)
+                weights = model = compile_blocks(GemmaLM(cfg.model).to(device))
+                opt = ShardedAdamW(model, dataclasses.replace(cfg.train, grad_accum_steps=accum // world), device,
+                                   options(variant)["grad_dtype"], buckets=model.gradient_buckets(), overlap=True)
+            elif "zero1" in variant.split("+"):  # no DDP: the sharded optimizer reduces, clips, updates and gathers
                 model, opt = compiled, ShardedAdamW(raw, cfg.train, device, options(variant)["grad_dtype"])
             elif "ca" in variant.split("+"):  # DDP built under the mode (it picks its reducer then), then compiled
                 torch._dynamo.reset()
@@ -211,7 +220,9 @@ def worker(rank: int, world: int, args) -> None:
             worst = max(meds)
             # Every rank must hold the same weights after the steps (the gradients were averaged).
             sums = [None] * world
-            dist.all_gather_object(sums, sum(float(p.double().sum()) for p in raw.parameters()))
+            if isinstance(opt, ShardedAdamW):
+                opt.wait_for_weights()
+            dist.all_gather_object(sums, sum(float(p.detach().double().sum()) for p in weights.parameters()))
             agree = "yes" if max(sums) - min(sums) <= 1e-9 * max(abs(x) for x in sums) else f"NO {sums}"
             tps = args.sequences * cfg.train.block_size / worst
             scaling = tps / (world * args.sequences * cfg.train.block_size / alone)

@@ -9,7 +9,8 @@ matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 102
 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
 "auto"), `combo` (Inductor's combo kernels), `aggr` (Inductor's aggressive_fusion), `cudagraphs`
-(`mode="reduce-overhead"`, each micro-batch a new graph step), `plainkernels` (`model.fused_kernels: false`:
+(`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`loop.compile_blocks`: each block
+compiled on its own, the rest eager), `plainkernels` (`model.fused_kernels: false`:
 PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from raypipe import model as M
 from raypipe.config import load_config
-from raypipe.loop import GraphSteps, clip_gradients, forward_backward
+from raypipe.loop import GraphSteps, clip_gradients, compile_blocks, forward_backward
 from raypipe.optim import configure_optimizer
 
 FUSED = M.fused_linear
@@ -57,6 +58,8 @@ def apply(variant: str) -> tuple:
             fused = False
         elif part == "cudagraphs":
             mode = "reduce-overhead"
+        elif part == "blocks":
+            mode = "blocks"
         elif part == "autotune":
             mode = "max-autotune-no-cudagraphs"
         elif part.startswith("mb"):
@@ -77,7 +80,7 @@ def run(variant: str, cfg, profile: bool) -> None:
     graphs = mode == "reduce-overhead"
     # CUDA graphs as the loop replays them (train.cuda_graphs): a graph step per micro-batch, the loss
     # copied out, gradients kept in place (zeroed, not freed).
-    model = GraphSteps(raw) if graphs else torch.compile(raw, mode=mode)
+    model = GraphSteps(raw) if graphs else compile_blocks(raw) if mode == "blocks" else torch.compile(raw, mode=mode)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     gen = torch.Generator(device=device)

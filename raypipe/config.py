@@ -112,6 +112,9 @@ class TrainConfig:
     # several workers: ZeRO-1 instead of DDP (raypipe/sharded_adamw.py): gradients reduce-scattered in
     # ddp_grad_dtype, each worker clips and updates 1/N of the parameters and keeps 1/N of AdamW's state
     shard_optimizer: bool = False
+    # with shard_optimizer: each block compiled on its own, its gradients reduce-scattered during the backward
+    # of the blocks before it, and its weights all-gathered during the next forward (not measured on GPUs yet)
+    overlap_comm: bool = False
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
 
     def tokens_per_step(self, world_size: int) -> int:

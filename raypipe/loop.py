@@ -140,11 +140,23 @@ class GraphSteps:
         return logits, loss.clone()
 
 
+def compile_blocks(raw_model: GemmaLM) -> GemmaLM:
+    """Each transformer block's forward compiled on its own, in place (parameter names unchanged; module
+    hooks run outside the graphs); the embedding, the final norm and the head run eagerly. Each block's
+    backward is then a graph of its own, after which its gradients are final: a sharded optimizer
+    reduces them while the backward of earlier blocks runs."""
+    for block in raw_model.layers:
+        block.forward = torch.compile(block.forward)
+    return raw_model
+
+
 def step_model(raw_model: GemmaLM, t, device: torch.device, world_size: int, sharded: bool):
     """What a training step runs: the model compiled (and replayed as CUDA graphs) as `t` asks, and
     wrapped in DDP with several workers unless the optimizer is sharded (ZeRO-1 reduces on its own)."""
     if not t.compile:
         model = raw_model
+    elif sharded and t.overlap_comm:
+        model = compile_blocks(raw_model)
     elif t.cuda_graphs and device.type == "cuda":
         model = GraphSteps(raw_model)
     else:
@@ -349,7 +361,8 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         raw_model = GemmaLM(cfg.model)
     dtype = autocast_dtype(t.dtype, device)
     sharded = env.world_size > 1 and t.shard_optimizer  # ZeRO-1 (the parameters become views into its buffer)
-    optimizer = (ShardedAdamW(raw_model, t, device, t.ddp_grad_dtype) if sharded
+    optimizer = (ShardedAdamW(raw_model, t, device, t.ddp_grad_dtype, overlap=t.overlap_comm,
+                              buckets=raw_model.gradient_buckets() if t.overlap_comm else None) if sharded
                  else configure_optimizer(raw_model, t, device.type))
     parts = Parts(model=raw_model, raw_model=raw_model, optimizer=optimizer,
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),

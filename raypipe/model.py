@@ -229,6 +229,14 @@ class GemmaLM(nn.Module):
             self.register_buffer(f"rope_{name}_cos", cos, persistent=False)
             self.register_buffer(f"rope_{name}_sin", sin, persistent=False)
 
+    def gradient_buckets(self) -> list[list[nn.Module]]:
+        """The modules in the order the backward finishes their gradients: the final norm and the head,
+        the blocks from the last, the embedding (a tied head's weight is finished there, last). In each
+        list some module's forward runs before any of the list's weights is used (the norm before the
+        head's matmul, which reads lm_head.weight without calling lm_head): a sharded optimizer's
+        forward pre-hooks wait there for the weights' all-gather."""
+        return [[self.norm, self.lm_head], *([layer] for layer in reversed(self.layers)), [self.embed_tokens]]
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # a tied head is counted once
 

@@ -9,13 +9,22 @@ the clip and the update run on 1/N of the parameters, and AdamW's two state tens
 memory. There is no DDP wrapper: the micro-batches accumulate locally and the step reduces once.
 
 Parameters and gradients live in two flat float32 buffers (each parameter a view into one, its
-`.grad` a view into the other), in configure_optimizer's order, padded to N equal slices: the
-collectives run in place, nothing is copied in or out. `state_dict()` gathers the whole state in
-torch AdamW's own format (a checkpoint written on N workers is the same file a single worker
-writes), and `load_state_dict` takes that format.
+`.grad` a view into the other), so the collectives run in place and nothing is copied in or out. The
+buffers are cut into buckets (the whole model as one, or one per block as `GemmaLM.gradient_buckets`
+lists them), each padded to N equal chunks; worker r owns chunk r of every bucket. `state_dict()`
+gathers the whole state in torch AdamW's own format (a checkpoint written on N workers is the same
+file a single worker writes), and `load_state_dict` takes that format.
+
+With `overlap`, a bucket's reduce-scatter starts from its gradients' hooks as soon as the last
+micro-batch's backward has finished them, while the backward of earlier blocks goes on; and after
+the update each bucket's all-gather runs in the background until the first forward that uses it
+(its modules' forward pre-hooks wait for it). That needs the blocks compiled one by one
+(`loop.compile_blocks`): a whole-model graph finishes every gradient at once, at its end.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -37,77 +46,153 @@ class ShardedAdamW:
     Used as the loop uses torch's optimizer (param_groups' "lr", step, zero_grad, state_dict,
     load_state_dict), plus `reduce_and_clip`: call it once per step, after the backward and before
     `step`. Every method but `param_groups` and `zero_grad` is a collective.
+
+    `buckets`: lists of modules, in the order the backward finishes their gradients (a parameter
+    listed twice, as a tied head, belongs to the later bucket); None: the whole model is one bucket.
     """
 
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, grad_dtype: str = "float32"):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, grad_dtype: str = "float32",
+                 buckets: Optional[list[list[torch.nn.Module]]] = None, overlap: bool = False):
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.grad_dtype = getattr(torch, grad_dtype)
         # The full optimizer, stateless until it steps (it never does): the checkpoint format's groups and order.
         self.layout = configure_optimizer(model, cfg, device.type)
         self.params = [p for group in self.layout.param_groups for p in group["params"]]
-        total = sum(p.numel() for p in self.params)
-        self.shard = -(-total // (self.world * ALIGN)) * ALIGN
-        self.flat_param = torch.zeros(self.shard * self.world, dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros_like(self.flat_param)
-        self.offsets, offset = [], 0
         for p in self.params:
             if p.dtype != torch.float32:
                 raise ValueError(f"sharded AdamW keeps float32 parameters; got {p.dtype}")
+        module_lists = buckets or [[model]]
+        bucket_of = {}
+        for b, modules in enumerate(module_lists):
+            for module in modules:
+                bucket_of.update((id(p), b) for p in module.parameters())
+        members = [[p for p in self.params if bucket_of.get(id(p), len(module_lists) - 1) == b]
+                   for b in range(len(module_lists))]  # each in configure_optimizer's order: group by group
+        members = [params for params in members if params]
+        bucket_of = {id(p): b for b, params in enumerate(members) for p in params}
+
+        # Layout: bucket after bucket, each padded to `world` equal chunks of a multiple of ALIGN elements.
+        self.buckets: list[tuple[int, int]] = []  # (start, size) in the flat buffers
+        offset_of, start = {}, 0
+        for params in members:
+            offset = start
+            for p in params:
+                offset_of[id(p)] = offset
+                offset += p.numel()
+            size = -(-(offset - start) // (self.world * ALIGN)) * ALIGN * self.world
+            self.buckets.append((start, size))
+            start += size
+        self.offsets = [offset_of[id(p)] for p in self.params]
+        self.flat_param = torch.zeros(start, dtype=torch.float32, device=device)
+        self.flat_grad = torch.zeros_like(self.flat_param)
+        for p, offset in zip(self.params, self.offsets):
             n = p.numel()
             self.flat_param[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = self.flat_param[offset:offset + n].view_as(p)
             p.grad = self.flat_grad[offset:offset + n].view_as(p)  # backward accumulates into it in place
-            self.offsets.append(offset)
-            offset += n
         dist.broadcast(self.flat_param, src=0)  # every rank starts from rank 0's weights, as DDP does
 
-        # This rank's slice, cut where configure_optimizer's groups meet: at most one piece per group.
-        lo, hi = self.rank * self.shard, (self.rank + 1) * self.shard
+        # This rank's chunk of each bucket, cut where configure_optimizer's groups meet.
+        group_of = {id(p): g for g, group in enumerate(self.layout.param_groups) for p in group["params"]}
         self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (group index, start in the flat buffer, piece)
-        groups, start = [], 0
-        for index, group in enumerate(self.layout.param_groups):
-            end = start + sum(p.numel() for p in group["params"])
-            a, b = max(lo, start), min(hi, end)
-            params = []
-            if a < b:
-                piece = self.flat_param[a:b]
-                piece.grad = self.flat_grad[a:b]
-                self.pieces.append((index, a, piece))
-                params = [piece]
-            groups.append({"params": params, "weight_decay": group["weight_decay"]})
-            start = end
+        for (start, size), params in zip(self.buckets, members):
+            lo, hi = start + self.rank * (size // self.world), start + (self.rank + 1) * (size // self.world)
+            for g in range(len(self.layout.param_groups)):
+                mine = [(offset_of[id(p)], p.numel()) for p in params if group_of[id(p)] == g]
+                if mine:
+                    a, b = max(lo, mine[0][0]), min(hi, mine[-1][0] + mine[-1][1])
+                    if a < b:
+                        piece = self.flat_param[a:b]
+                        piece.grad = self.flat_grad[a:b]
+                        self.pieces.append((g, a, piece))
+        groups = [{"params": [piece for g, _, piece in self.pieces if g == index], "weight_decay": group["weight_decay"]}
+                  for index, group in enumerate(self.layout.param_groups)]
         self.inner = adamw(groups, cfg, device.type)
         self.has_state = False  # after the first update (the same on every rank: a skipped step is skipped by all)
+
+        self.overlap = overlap
+        self.reducing: dict[int, tuple] = {}  # bucket -> (work, bf16 copy or None), launched this step
+        self.gathering: dict[int, object] = {}  # bucket -> all-gather work not waited for yet
+        self.arrived = [0] * len(self.buckets)  # gradient hooks run this step, per bucket
+        self.expected = [len(params) * cfg.grad_accum_steps for params in members]
+        if overlap:
+            for b, params in enumerate(members):
+                for p in params:
+                    p.register_post_accumulate_grad_hook(lambda _, b=b: self._gradient_done(b))
+            for module in {m for modules in module_lists for m in modules}:  # waits for the buckets its weights are in
+                needed = sorted({bucket_of[id(p)] for p in module.parameters()})
+                module.register_forward_pre_hook(lambda *_, needed=needed: self.wait_for_weights(needed))
+            model.register_state_dict_pre_hook(lambda *_: self.wait_for_weights())
 
     @property
     def param_groups(self) -> list[dict]:
         return self.inner.param_groups
 
-    def my_slice(self, flat: torch.Tensor) -> torch.Tensor:
-        return flat[self.rank * self.shard:(self.rank + 1) * self.shard]
+    def mine(self, bucket_tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's chunk of one bucket's tensor."""
+        n = bucket_tensor.numel() // self.world
+        return bucket_tensor[self.rank * n:(self.rank + 1) * n]
+
+    def chunk(self, flat: torch.Tensor, bucket: int) -> torch.Tensor:
+        """This rank's chunk of bucket `bucket` in a flat buffer."""
+        start, size = self.buckets[bucket]
+        return self.mine(flat[start:start + size])
+
+    def _gradient_done(self, bucket: int) -> None:
+        """A parameter's gradient hook: the bucket's last gradient of the step's last micro-batch starts its reduce."""
+        self.arrived[bucket] += 1
+        if self.arrived[bucket] == self.expected[bucket]:
+            self._reduce(bucket)
+
+    def _reduce(self, bucket: int) -> None:
+        start, size = self.buckets[bucket]
+        full = self.flat_grad[start:start + size]
+        if self.grad_dtype == torch.float32:  # in place: the sum lands in this rank's chunk
+            work, low = reduce_scatter(self.chunk(self.flat_grad, bucket), full, async_op=True), None
+        else:  # e.g. bfloat16: each rank's gradient rounded once (divided first: the sum stays in range)
+            low = full.to(self.grad_dtype).div_(self.world)
+            work = reduce_scatter(self.mine(low), low, async_op=True)
+        self.reducing[bucket] = (work, low)
+
+    def wait_for_weights(self, buckets=None) -> None:
+        """Wait for the all-gathers of `buckets` (None: all) still running: needed before reading the weights
+        other than through the model's forward or state_dict, whose hooks wait by themselves."""
+        for b in list(self.gathering) if buckets is None else buckets:
+            work = self.gathering.pop(b, None)
+            if work is not None:
+                work.wait()
 
     def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
-        """Reduce the accumulated gradients to this rank's slice (their mean over ranks), clip it with
+        """Reduce the accumulated gradients to this rank's chunks (their mean over ranks), clip them with
         the global norm as torch.nn.utils.clip_grad_norm_ does, and return that norm before clipping."""
-        mine = self.my_slice(self.flat_grad)
-        if self.grad_dtype == torch.float32:
-            reduce_scatter(mine, self.flat_grad)  # in place: the sum lands in this rank's slice
-            to_mean = 1.0 / self.world
-        else:  # e.g. bfloat16: each rank's gradient rounded once (divided first: the sum stays in range)
-            low = self.flat_grad.to(self.grad_dtype).div_(self.world)
-            reduce_scatter(self.my_slice(low), low)
-            mine.copy_(self.my_slice(low))
-            to_mean = 1.0
-        squares = torch.linalg.vector_norm(mine, dtype=torch.float32).square()
+        if self.overlap and self.arrived != self.expected:
+            raise RuntimeError(f"gradient hooks per bucket {self.arrived}, expected {self.expected}: the step must run "
+                               "train.grad_accum_steps backward passes, each reaching every parameter")
+        for b in range(len(self.buckets)):
+            if b not in self.reducing:
+                self._reduce(b)
+        chunks = [self.chunk(self.flat_grad, b) for b in range(len(self.buckets))]
+        for b, (work, low) in sorted(self.reducing.items()):
+            work.wait()
+            if low is not None:
+                chunks[b].copy_(self.mine(low))
+        self.reducing.clear()
+        self.arrived = [0] * len(self.buckets)
+        to_mean = 1.0 / self.world if self.grad_dtype == torch.float32 else 1.0
+        squares = torch.stack(torch._foreach_norm(chunks)).square().sum()
         dist.all_reduce(squares)
         norm = squares.sqrt() * to_mean  # of the mean gradient
         coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        mine.mul_(coefficient * to_mean)  # the mean, clipped, in one pass
+        torch._foreach_mul_(chunks, coefficient * to_mean)  # the mean, clipped, in one pass
         return norm
 
     def step(self) -> None:
         self.inner.step()
-        all_gather(self.flat_param, self.my_slice(self.flat_param))  # in place
+        for b in reversed(range(len(self.buckets))):  # in the order the next forward uses them
+            start, size = self.buckets[b]
+            work = all_gather(self.flat_param[start:start + size], self.chunk(self.flat_param, b), async_op=self.overlap)
+            if self.overlap:
+                self.gathering[b] = work
         self.has_state = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -116,6 +201,7 @@ class ShardedAdamW:
 
     def state_dict(self) -> dict:
         """The whole state as a single worker's torch.optim.AdamW would hold it (gathered from every rank)."""
+        self.wait_for_weights()
         out = self.layout.state_dict()  # param_groups with their indices; no state
         for group, mine in zip(out["param_groups"], self.inner.param_groups):
             group.update({k: v for k, v in mine.items() if k != "params"})
@@ -123,13 +209,13 @@ class ShardedAdamW:
             return out
         full = {}
         for key in STATE_KEYS:
-            mine = torch.zeros(self.shard, dtype=torch.float32, device=self.flat_param.device)
+            local = torch.zeros_like(self.flat_param)  # this rank's chunks filled in, the rest gathered
             for _, start, piece in self.pieces:
-                offset = start - self.rank * self.shard
-                mine[offset:offset + piece.numel()] = self.inner.state[piece][key]
-            full[key] = torch.empty_like(self.flat_param)
-            all_gather(full[key], mine)
-        if not self.pieces:  # a slice of padding only (tiny models on many ranks): nothing of its own to add
+                local[start:start + piece.numel()] = self.inner.state[piece][key]
+            for b, (start, size) in enumerate(self.buckets):
+                all_gather(local[start:start + size], self.chunk(local, b))  # in place
+            full[key] = local
+        if not self.pieces:  # chunks of padding only (tiny models on many ranks): nothing of its own to add
             return out
         step = self.inner.state[self.pieces[0][2]]["step"]
         out["state"] = {
@@ -139,15 +225,18 @@ class ShardedAdamW:
         return out
 
     def load_state_dict(self, state: dict) -> None:
-        """Take this rank's slice of a whole AdamW state (as `state_dict` returns it)."""
+        """Take this rank's chunks of a whole AdamW state (as `state_dict` returns it)."""
+        self.wait_for_weights()
         groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in state["param_groups"]]
         for j, (index, _, _) in enumerate(self.pieces):
             groups[index]["params"].append(j)
         inner_state = {}
         if state["state"]:
-            device, saved = self.flat_param.device, state["state"]
-            flat = {key: torch.cat([saved[i][key].reshape(-1).to(device, torch.float32) for i in range(len(self.params))])
-                    for key in STATE_KEYS}
+            saved = state["state"]
+            flat = {key: torch.zeros_like(self.flat_param) for key in STATE_KEYS}
+            for i, (p, offset) in enumerate(zip(self.params, self.offsets)):
+                for key in STATE_KEYS:
+                    flat[key][offset:offset + p.numel()] = saved[i][key].reshape(-1)
             for j, (_, start, piece) in enumerate(self.pieces):
                 inner_state[j] = {"step": saved[0]["step"].clone(),  # its own: AdamW adds to it in place
                                   **{key: flat[key][start:start + piece.numel()].clone() for key in STATE_KEYS}}

@@ -148,8 +148,10 @@ def parallel_note(t, workers: int) -> str:
         return ""
     graphs = ", CUDA graphs" if t.cuda_graphs else ""
     if t.shard_optimizer:
-        return (f"data parallel: ZeRO-1 ({t.ddp_grad_dtype} reduce-scatter; each worker updates and keeps AdamW's "
-                f"state for 1/{workers} of the weights{graphs})\n")
+        overlap = (", per block during the backward; weights all-gathered during the next forward"
+                   if t.overlap_comm else "")
+        return (f"data parallel: ZeRO-1 ({t.ddp_grad_dtype} reduce-scatter{overlap}; each worker updates and keeps "
+                f"AdamW's state for 1/{workers} of the weights{graphs})\n")
     graph = ("the compiled graph cut at its buckets" if t.ddp_split_graph else "one compiled graph") if t.compile else "eager"
     return f"data parallel: DDP ({t.ddp_grad_dtype} all-reduce of the whole gradient, {graph})\n"
 

@@ -158,6 +158,11 @@ def validate(cfg, origin: str = "config") -> None:
     if t.cuda_graphs and r.num_workers > 1 and not t.shard_optimizer:  # DDP's hooks are not replayed
         fail("train.cuda_graphs", t.cuda_graphs, f"with ray.num_workers {r.num_workers}, CUDA graphs run only "
              "with train.shard_optimizer: true (not under DDP)")
+    if t.overlap_comm and not t.shard_optimizer:
+        fail("train.overlap_comm", t.overlap_comm, "overlaps ZeRO-1's collectives with the backward and the forward: "
+             "it needs train.shard_optimizer: true")
+    if t.overlap_comm and t.cuda_graphs:  # a graph replays the whole model: no gradient is final before its end
+        fail("train.overlap_comm", t.overlap_comm, "does not run with train.cuda_graphs: true; turn one of them off")
     if t.dtype == "float16" and t.shard_optimizer:  # each rank's scaler would see only its slice's overflows
         fail("train.dtype", t.dtype, "float16's loss scaling does not run with train.shard_optimizer: true; "
              "use bfloat16, or train.shard_optimizer: false")

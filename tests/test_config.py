@@ -40,6 +40,11 @@ def test_recipe_keeps_its_effective_batch_on_any_worker_count(workers, micro, ac
             f"{workers} worker(s)") in out
     assert ((f"data parallel: ZeRO-1 (float32 reduce-scatter; each worker updates and keeps AdamW's state for "
              f"1/{workers} of the weights)") in out) == (workers > 1)
+    if workers == 2:
+        assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", "ray.num_workers=2",
+                     "--set", "train.overlap_comm=true", "--dry-run"]) == 0
+        assert ("data parallel: ZeRO-1 (float32 reduce-scatter, per block during the backward; weights all-gathered "
+                "during the next forward; each worker") in capsys.readouterr().out
 
 
 def test_split_over_workers_refuses_a_count_that_does_not_divide_the_step_before_ray(capsys):

@@ -6,7 +6,7 @@ import torch
 from helpers import tiny_config
 from raypipe.checkpoint import load_model, load_state
 from raypipe.data import BatchSampler
-from raypipe.loop import WorkerEnv, clip_gradients, estimate_loss, forward_backward, train
+from raypipe.loop import WorkerEnv, clip_gradients, compile_blocks, estimate_loss, forward_backward, train
 from raypipe.model import GemmaLM
 
 import contextlib
@@ -135,3 +135,23 @@ def test_cuda_graphs_train_as_the_compiled_model_does(embedded_data, tmp_path):
     assert graphs["history"][-1]["val_loss"] < graphs["history"][0]["val_loss"]  # it trains
     for a, b in zip(plain["history"], graphs["history"]):  # the same kernels, replayed
         assert abs(a["val_loss"] - b["val_loss"]) < 1e-3 and abs(a["step_loss"] - b["step_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("per_block", [True, False], ids=["compile_blocks", "whole_model"])
+def test_compiled_blocks_finish_their_gradients_before_earlier_blocks_run_backward(embedded_data, tmp_path, per_block):
+    """What train.overlap_comm builds on: with each block compiled on its own, a block's gradients are final
+    (their hooks run) while the blocks before it have not run their backward yet; one graph for the whole
+    model finishes every gradient at its end."""
+    cfg = tiny_config(embedded_data, tmp_path)
+    model = tiny_model(cfg)
+    compiled = compile_blocks(model) if per_block else torch.compile(model)
+    first, last = model.layers[0], model.layers[-1]
+    seen = []  # at each hook of the last block: has the first block's backward run yet?
+    for p in last.parameters():
+        p.register_post_accumulate_grad_hook(lambda _: seen.append(any(q.grad is not None for q in first.parameters())))
+    x, y = BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=0)()
+    eager_loss = GemmaLM.forward(model, x, y)[1]  # the same model, run without any graph
+    _, loss = compiled(x, y)
+    assert abs(loss.item() - eager_loss.item()) < 1e-4
+    loss.backward()
+    assert len(seen) == len(list(last.parameters())) and seen == [not per_block] * len(seen)

@@ -55,12 +55,13 @@ def test_exact_resume_one_worker(embedded_data, tmp_path):
     assert_same_run(tmp_path / "full" / "checkpoint_0000020", tmp_path / "part" / "checkpoint_0000020")
 
 
-@pytest.mark.parametrize("shard_optimizer", [False, True], ids=["ddp", "zero1"])
-def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_path, capsys, shard_optimizer):
-    # zero1: each rank's slice of AdamW's state is gathered into the checkpoint and sliced again on resume.
+@pytest.mark.parametrize("parallel", ["ddp", "zero1", "zero1-overlap"])
+def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_path, capsys, parallel):
+    # zero1: each rank's slice of AdamW's state is gathered into the checkpoint and sliced again on resume;
+    # overlap: checkpoints and evaluations come while the weights' all-gathers may still run.
     cfg = tiny_config(embedded_data, tmp_path / "runs", max_steps=12, eval_interval=3)
     cfg.ray.num_workers, cfg.wandb.mode, cfg.train.sample_tokens = 2, "offline", 0
-    cfg.train.shard_optimizer = shard_optimizer
+    cfg.train.shard_optimizer, cfg.train.overlap_comm = parallel != "ddp", parallel == "zero1-overlap"
     cfg.ray.checkpoints_to_keep = 10
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(cfg.to_dict()))
