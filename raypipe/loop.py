@@ -141,12 +141,17 @@ class GraphSteps:
 
 
 def compile_blocks(raw_model: GemmaLM) -> GemmaLM:
-    """Each transformer block's forward compiled on its own, in place (parameter names unchanged; module
-    hooks run outside the graphs); the embedding, the final norm and the head run eagerly. Each block's
-    backward is then a graph of its own, after which its gradients are final: a sharded optimizer
-    reduces them while the backward of earlier blocks runs."""
+    """Each transformer block's training forward compiled on its own, in place (parameter names unchanged;
+    module hooks run outside the graphs); the embedding, the final norm and the head run eagerly. Each
+    block's backward is then a graph of its own, after which its gradients are final: a sharded optimizer
+    reduces them while the backward of earlier blocks runs. Evaluation (no gradients) and generation (a
+    KV cache) stay eager, as they are on the plain model the loop evaluates with."""
     for block in raw_model.layers:
-        block.forward = torch.compile(block.forward)
+        def forward(x, rope_local, rope_global, cache=None, eager=block.forward, compiled=torch.compile(block.forward)):
+            if cache is None and torch.is_grad_enabled():
+                return compiled(x, rope_local, rope_global)
+            return eager(x, rope_local, rope_global, cache)
+        block.forward = forward
     return raw_model
 
 

@@ -155,3 +155,26 @@ def test_compiled_blocks_finish_their_gradients_before_earlier_blocks_run_backwa
     assert abs(loss.item() - eager_loss.item()) < 1e-4
     loss.backward()
     assert len(seen) == len(list(last.parameters())) and seen == [not per_block] * len(seen)
+
+
+def test_compiled_blocks_evaluate_and_generate_eagerly(embedded_data, tmp_path):
+    """Only the training forward runs the blocks' graphs: an evaluation or a generation (KV cache, a new
+    length each token) would otherwise compile graphs of their own."""
+    from torch._dynamo.utils import counters
+
+    from raypipe.sampling import generate
+
+    cfg = tiny_config(embedded_data, tmp_path)
+    model = tiny_model(cfg)
+    x, y = BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=0)()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(model)
+    model(x, y)[1].backward()
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    with torch.inference_mode():
+        estimate = model(x, y)[1]
+        out = generate(model, x[:1, :4], max_new_tokens=6, temperature=1.0)
+    assert counters["stats"]["unique_graphs"] == graphs and out.shape == (1, 10)
+    assert abs(estimate.item() - GemmaLM.forward(model, x, y)[1].item()) < 1e-4
