@@ -302,13 +302,16 @@ def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", *
     return model.to(device)
 
 
-def load_for_resume(checkpoint_dir: str | Path, rank: int) -> Resume:
+def load_for_resume(checkpoint_dir: str | Path, rank: int, world_size: Optional[int] = None) -> Resume:
+    """What rank `rank` resumes from. On another world size than the checkpoint's (train.allow_worker_count_change)
+    no rank takes a rank's own state: `rank_state` is None."""
     d = Path(checkpoint_dir)
     manifest = verify(d)
-    if not 0 <= rank < manifest["world_size"]:
+    same_world = world_size in (None, manifest["world_size"])
+    if same_world and not 0 <= rank < manifest["world_size"]:
         raise CheckpointError(f"{d} was written by {manifest['world_size']} ranks; rank {rank} has no state there")
     return Resume(path=d, model=_load_weights(d / "model.safetensors"), optimizer=_torch_load(d / "optimizer.pt"),
-                  state=load_state(d), rank_state=_torch_load(d / f"rank_{rank}.pt"))
+                  state=load_state(d), rank_state=_torch_load(d / f"rank_{rank}.pt") if same_world else None)
 
 
 COMPUTE_ONLY = ("init_std", "attention", "fused_kernels")  # model keys a resume may change: the weights load alike
@@ -334,9 +337,18 @@ def check_compatible(checkpoint_dir: str | Path, cfg: Config, data_meta: dict, w
         raise CheckpointError(f"{d} was trained on other data: its data_meta.json checksums {their_data} "
                               f"differ from {cfg.data.dir}/meta.json's {ours}")
     theirs_ws = load_state(d)["world_size"]
-    if theirs_ws != world_size:
+    if theirs_ws != world_size and not cfg.train.allow_worker_count_change:
         raise CheckpointError(f"{d} was written by {theirs_ws} worker(s), this run has {world_size}: each rank's "
-                              f"sampler and RNG state would be lost; set ray.num_workers={theirs_ws}")
+                              f"sampler and RNG state would be lost; set ray.num_workers={theirs_ws} to go on exactly, "
+                              f"or train.allow_worker_count_change: true to go on with {world_size} (each worker then "
+                              "draws a new batch stream)")
+    theirs_tokens, ours_tokens = theirs.train.tokens_per_step(theirs_ws), cfg.train.tokens_per_step(world_size)
+    if theirs_ws != world_size and theirs_tokens != ours_tokens:
+        micro, accum = cfg.train.worker_batch(world_size)
+        raise CheckpointError(f"{d} trained on {theirs_tokens:,} tokens per step ({theirs_ws} worker(s)); {world_size} "
+                              f"worker(s) of {micro} x {accum} sequences would take {ours_tokens:,}: set "
+                              "train.split_over_workers: true (the same step split over any worker count), or "
+                              "train.batch_size and train.grad_accum_steps to keep the tokens per step")
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

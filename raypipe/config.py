@@ -116,6 +116,9 @@ class TrainConfig:
     # of the blocks before it, and its weights all-gathered during the next forward (not measured on GPUs yet)
     overlap_comm: bool = False
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
+    # a resume may run on another ray.num_workers than the checkpoint's (same tokens per step): each worker
+    # then draws a new batch stream, so the run no longer repeats an uninterrupted one batch for batch
+    allow_worker_count_change: bool = False
 
     def tokens_per_step(self, world_size: int) -> int:
         """Tokens in one optimizer step over all workers."""

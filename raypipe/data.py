@@ -167,11 +167,13 @@ def verify_contents(data_dir: str | Path, meta: dict) -> None:
 STREAMS = {"batches": 730, "eval": 424, "probe": 536}
 
 
-def split_seed(seed: int, rank: int, split: str, stream: str = "batches") -> int:
-    """A distinct, stable seed per (run seed, rank, split, stream): ranks never draw the same windows."""
+def split_seed(seed: int, rank: int, split: str, stream: str = "batches", from_step: int = 0) -> int:
+    """A distinct, stable seed per (run seed, rank, split, stream): ranks never draw the same windows.
+    `from_step`: a stream begun anew at that step (a resume on another worker count), distinct from the
+    stream the rank drew from step 0."""
     if stream not in STREAMS:
         raise ValueError(f"stream {stream!r}: expected one of {', '.join(STREAMS)} (add a new one to data.STREAMS)")
-    words = [seed, rank, SPLITS.index(split), STREAMS[stream]]
+    words = [seed, rank, SPLITS.index(split), STREAMS[stream]] + ([from_step] if from_step else [])
     return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -217,12 +219,12 @@ class BatchSampler:
     """get_batch with its own seeded generator, so each rank and split draws its own stream."""
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, batch_size: int,
-                 device: torch.device | str, seed: int, rank: int = 0, stream: str = "batches"):
+                 device: torch.device | str, seed: int, rank: int = 0, stream: str = "batches", from_step: int = 0):
         self.data_dir, self.split = Path(data_dir), split
         self.block_size, self.batch_size, self.device = block_size, batch_size, torch.device(device)
         meta = read_meta(data_dir)
         self.dtype, self.shards = meta["dtype"], split_files(meta)[split]
-        self.seed = split_seed(seed, rank, split, stream)
+        self.seed = split_seed(seed, rank, split, stream, from_step)
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def reset(self) -> None:

@@ -116,7 +116,7 @@ def _train_worker(loop_config: dict) -> dict:
         chosen = choose_resume(Path(ray_dir) if ray_dir else None, cfg.resume_from,
                                _worker_print if rank == 0 else (lambda line: None))
         if chosen is not None:
-            resume = load_for_resume(chosen, rank)
+            resume = load_for_resume(chosen, rank, context.get_world_size())
 
     def report(metrics: dict, checkpoint_dir: Optional[Path]) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None

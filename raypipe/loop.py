@@ -375,8 +375,8 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 
     # Data: every rank draws its own windows; eval uses a fixed stream, the same batches each time,
     # so successive val losses differ by the model, not by the sample.
-    def sampler(split: str, stream: str) -> BatchSampler:
-        return BatchSampler(data_dir, split, t.block_size, t.batch_size, device, t.seed, env.rank, stream)
+    def sampler(split: str, stream: str, from_step: int = 0) -> BatchSampler:
+        return BatchSampler(data_dir, split, t.block_size, t.batch_size, device, t.seed, env.rank, stream, from_step)
 
     train_batches = sampler("train", "batches")
     eval_samplers = {split: sampler(split, "eval") for split in ("train", "val")}
@@ -388,8 +388,14 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         load_model_weights(raw_model, resume.model, resume.path)
         parts.optimizer.load_state_dict(resume.optimizer)
         parts.scaler.load_state_dict(resume.state["scaler"])
-        restore_rank_state(resume.rank_state, train_batches, device)
         state.load_state_dict(resume.state)
+        if resume.rank_state is not None:
+            restore_rank_state(resume.rank_state, train_batches, device)
+        else:  # another worker count: a stream none of the run's ranks has drawn from before
+            train_batches = sampler("train", "batches", from_step=state.step)
+            log(f"[raypipe] {resume.path.name} was written by {resume.state['world_size']} worker(s); going on with "
+                f"{env.world_size}, each drawing a new batch stream (the same tokens per step, other batches than "
+                "an uninterrupted run's)")
         state.restarts += 1
         if resume.state.get("run_name") != env.run_name:  # a new run from another's checkpoint: new W&B run
             state.wandb_run_id = None

@@ -84,6 +84,40 @@ def test_exact_resume_two_workers_through_ray(ray_cluster, embedded_data, tmp_pa
     assert segments[0].endswith(summary["wandb_run_id"])
 
 
+def test_resume_on_another_worker_count_only_when_asked(ray_cluster, embedded_data, tmp_path, capsys):
+    """Two ZeRO-1 workers stop at step 6; the run goes on with one worker once the config allows it: the
+    same weights, AdamW state and tokens per step, a new batch stream."""
+    cfg = tiny_config(embedded_data, tmp_path / "runs", max_steps=12, eval_interval=3, split_over_workers=True,
+                      shard_optimizer=True)
+    cfg.ray.num_workers, cfg.wandb.mode, cfg.train.sample_tokens = 2, "disabled", 0
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["--config", str(config), "--name", "part", "--set", "train.stop_at=6"]) == 0
+    part = tmp_path / "runs" / "part"
+    six = load_state(part / "checkpoint_0000006")
+    capsys.readouterr()
+
+    assert main(["--resume", str(part), "--set", "ray.num_workers=1"]) == 2  # refused before Ray starts
+    err = capsys.readouterr().err
+    assert ("checkpoint_0000006 was written by 2 worker(s), this run has 1" in err and "set ray.num_workers=2" in err
+            and "train.allow_worker_count_change: true" in err)
+    # Without the split the step would shrink to one worker's 8 x 2 sequences: refused, naming both figures.
+    assert main(["--resume", str(part), "--set", "ray.num_workers=1", "--set", "train.allow_worker_count_change=true",
+                 "--set", "train.split_over_workers=false", "--set", "train.batch_size=4"]) == 2
+    assert "trained on 512 tokens per step (2 worker(s)); 1 worker(s) of 4 x 2 sequences would take 256" in \
+        capsys.readouterr().err
+    assert latest_checkpoint(part).name == "checkpoint_0000006"  # nothing written by the refusals
+
+    assert main(["--resume", str(part), "--set", "ray.num_workers=1", "--set", "train.allow_worker_count_change=true"]) == 0
+    assert "written by 2 worker(s); going on with 1, each drawing a new batch stream" in capsys.readouterr().out
+    final = load_state(part / "checkpoint_0000012")
+    assert final["world_size"] == 1 and final["restarts"] == 1 and verify(part / "checkpoint_0000012")["world_size"] == 1
+    assert final["step_losses"][:6] == six["step_losses"] and len(final["step_losses"]) == 12
+    # It went on from the trained weights and AdamW state: step 7 is near step 6, far below a fresh model's loss.
+    assert abs(final["step_losses"][6] - six["step_losses"][5]) < 0.5 < final["step_losses"][0] - final["step_losses"][6]
+    assert [h["step"] for h in final["history"]] == [3, 6, 9, 12]
+
+
 def summary_history(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -261,3 +295,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(embedded_data, tmp_path)
     assert sum("update skipped" in line for line in logs) >= 3
     last = latest_checkpoint(tmp_path / "kept")
     assert load_state(last)["skipped_steps"] >= 1 and load_model(last) is not None
+
+
+def test_a_batch_stream_begun_anew_draws_other_windows(embedded_data):
+    from raypipe.data import BatchSampler
+
+    def first_batch(from_step: int) -> torch.Tensor:
+        return BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=1, rank=0, from_step=from_step)()[0]
+
+    assert torch.equal(first_batch(0), BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=1, rank=0)()[0])
+    assert not torch.equal(first_batch(0), first_batch(6)) and not torch.equal(first_batch(6), first_batch(7))
+    assert torch.equal(first_batch(6), first_batch(6))  # stable: a later exact resume draws it again
