@@ -37,7 +37,8 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypipe.config import load_config  # noqa: E402
-from raypipe.loop import clip_gradients, compile_blocks, forward_backward  # noqa: E402
+from raypipe.compiled import compile_blocks  # noqa: E402
+from raypipe.loop import clip_gradients, forward_backward  # noqa: E402
 from raypipe.model import GemmaLM  # noqa: E402
 from raypipe.optim import configure_optimizer  # noqa: E402
 from raypipe.parallel import data_parallel  # noqa: E402

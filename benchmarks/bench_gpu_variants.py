@@ -9,7 +9,7 @@ matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 102
 sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
 "auto"), `combo` (Inductor's combo kernels), `aggr` (Inductor's aggressive_fusion), `cudagraphs`
-(`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`loop.compile_blocks`: each block
+(`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`compiled.compile_blocks`: each block
 compiled on its own, the rest eager), `plainkernels` (`model.fused_kernels: false`:
 PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from raypipe import model as M
 from raypipe.config import load_config
-from raypipe.loop import GraphSteps, clip_gradients, compile_blocks, forward_backward
+from raypipe.compiled import GraphSteps, compile_blocks
+from raypipe.loop import clip_gradients, forward_backward
 from raypipe.optim import configure_optimizer
 
 FUSED = M.fused_linear

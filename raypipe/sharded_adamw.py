@@ -19,7 +19,7 @@ With `overlap`, a bucket's reduce-scatter starts from its gradients' hooks as so
 micro-batch's backward has finished them, while the backward of earlier blocks goes on; and after
 the update each bucket's all-gather runs in the background until the first forward that uses it
 (its modules' forward pre-hooks wait for it). That needs the blocks compiled one by one
-(`loop.compile_blocks`): a whole-model graph finishes every gradient at once, at its end.
+(`compiled.compile_blocks`): a whole-model graph finishes every gradient at once, at its end.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raypipe.config import Config, ConfigError, load_config
-from raypipe.loop import clip_gradients, compile_blocks, forward_backward
+from raypipe.compiled import compile_blocks
+from raypipe.loop import clip_gradients, forward_backward
 from raypipe.model import GemmaLM
 from raypipe.optim import configure_optimizer
 from raypipe.parallel import data_parallel
