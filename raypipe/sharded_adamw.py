@@ -218,9 +218,10 @@ class ShardedAdamW:
         if not self.pieces:  # chunks of padding only (tiny models on many ranks): nothing of its own to add
             return out
         step = self.inner.state[self.pieces[0][2]]["step"]
+        # Views into the gathered buffers, not copies (the checkpoint's moment needs no second copy of
+        # AdamW's state on the GPU); torch.save writes each buffer once.
         out["state"] = {
-            i: {"step": step.clone(),
-                **{key: full[key][offset:offset + p.numel()].view_as(p).clone() for key in STATE_KEYS}}
+            i: {"step": step.clone(), **{key: full[key][offset:offset + p.numel()].view_as(p) for key in STATE_KEYS}}
             for i, (p, offset) in enumerate(zip(self.params, self.offsets))}
         return out
 
