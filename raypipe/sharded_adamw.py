@@ -40,6 +40,21 @@ ALIGN = 64  # each slice a multiple of 64 elements (256 bytes): aligned for NCCL
 STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def bucket_layout(members: list[list[torch.nn.Parameter]], world: int) -> tuple[list[tuple[int, int]], dict[int, int]]:
+    """Bucket after bucket in one flat buffer, each padded to `world` equal chunks of a multiple of ALIGN
+    elements: each bucket's (start, size), and each parameter's offset (by id)."""
+    buckets, offset_of, start = [], {}, 0
+    for params in members:
+        offset = start
+        for p in params:
+            offset_of[id(p)] = offset
+            offset += p.numel()
+        size = -(-(offset - start) // (world * ALIGN)) * ALIGN * world
+        buckets.append((start, size))
+        start += size
+    return buckets, offset_of
+
+
 class ShardedAdamW:
     """AdamW sharded over the default process group's ranks (ZeRO stage 1).
 
@@ -71,19 +86,9 @@ class ShardedAdamW:
         members = [params for params in members if params]
         bucket_of = {id(p): b for b, params in enumerate(members) for p in params}
 
-        # Layout: bucket after bucket, each padded to `world` equal chunks of a multiple of ALIGN elements.
-        self.buckets: list[tuple[int, int]] = []  # (start, size) in the flat buffers
-        offset_of, start = {}, 0
-        for params in members:
-            offset = start
-            for p in params:
-                offset_of[id(p)] = offset
-                offset += p.numel()
-            size = -(-(offset - start) // (self.world * ALIGN)) * ALIGN * self.world
-            self.buckets.append((start, size))
-            start += size
+        self.buckets, offset_of = bucket_layout(members, self.world)  # (start, size) of each; each parameter's offset
         self.offsets = [offset_of[id(p)] for p in self.params]
-        self.flat_param = torch.zeros(start, dtype=torch.float32, device=device)
+        self.flat_param = torch.zeros(sum(size for _, size in self.buckets), dtype=torch.float32, device=device)
         self.flat_grad = torch.zeros_like(self.flat_param)
         for p, offset in zip(self.params, self.offsets):
             n = p.numel()
