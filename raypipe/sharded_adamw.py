@@ -116,7 +116,7 @@ class ShardedAdamW:
         self.has_state = False  # after the first update (the same on every rank: a skipped step is skipped by all)
 
         self.overlap = overlap
-        self.reducing: dict[int, tuple] = {}  # bucket -> (work, bf16 copy or None), launched this step
+        self.reducing: list[tuple] = []  # (work, bf16 copy or None) of buckets 0, 1, ... launched this step
         self.gathering: dict[int, object] = {}  # bucket -> all-gather work not waited for yet
         self.arrived = [0] * len(self.buckets)  # gradient hooks run this step, per bucket
         self.expected = [len(params) * cfg.grad_accum_steps for params in members]
@@ -144,10 +144,13 @@ class ShardedAdamW:
         return self.mine(flat[start:start + size])
 
     def _gradient_done(self, bucket: int) -> None:
-        """A parameter's gradient hook: the bucket's last gradient of the step's last micro-batch starts its reduce."""
+        """A parameter's gradient hook: the bucket's last gradient of the step's last micro-batch lets its
+        reduce start, in bucket order. Every rank must issue the collectives in one order (NCCL pairs them by
+        position), so a bucket finished before the one ahead of it waits for that one."""
         self.arrived[bucket] += 1
-        if self.arrived[bucket] == self.expected[bucket]:
-            self._reduce(bucket)
+        while len(self.reducing) < len(self.buckets) and \
+                self.arrived[len(self.reducing)] == self.expected[len(self.reducing)]:
+            self._reduce(len(self.reducing))
 
     def _reduce(self, bucket: int) -> None:
         start, size = self.buckets[bucket]
@@ -157,7 +160,7 @@ class ShardedAdamW:
         else:  # e.g. bfloat16: each rank's gradient rounded once (divided first: the sum stays in range)
             low = full.to(self.grad_dtype).div_(self.world)
             work = reduce_scatter(self.mine(low), low, async_op=True)
-        self.reducing[bucket] = (work, low)
+        self.reducing.append((work, low))
 
     def wait_for_weights(self, buckets=None) -> None:
         """Wait for the all-gathers of `buckets` (None: all) still running: needed before reading the weights
@@ -173,11 +176,10 @@ class ShardedAdamW:
         if self.overlap and self.arrived != self.expected:
             raise RuntimeError(f"gradient hooks per bucket {self.arrived}, expected {self.expected}: the step must run "
                                "train.grad_accum_steps backward passes, each reaching every parameter")
-        for b in range(len(self.buckets)):
-            if b not in self.reducing:
-                self._reduce(b)
+        for b in range(len(self.reducing), len(self.buckets)):  # those the hooks did not start, in order
+            self._reduce(b)
         chunks = [self.chunk(self.flat_grad, b) for b in range(len(self.buckets))]
-        for b, (work, low) in sorted(self.reducing.items()):
+        for b, (work, low) in enumerate(self.reducing):
             work.wait()
             if low is not None:
                 chunks[b].copy_(self.mine(low))
