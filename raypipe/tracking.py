@@ -8,6 +8,8 @@ memory until a 32 KiB block of the transaction log fills or the run finishes, an
 sooner: a killed worker leaves an empty or short `run-<id>.wandb`. Online, what was not yet uploaded
 is lost. The checkpoint keeps every evaluation, so a run that goes on from one logs again, first,
 those its W&B run does not hold; and a worker that is shut down (Ctrl-C) finishes its run first.
+`run.finish()` itself can return before the service has written the file's last block, so `finish()`
+here waits, offline, for the run's exit record in the file.
 """
 
 from __future__ import annotations
