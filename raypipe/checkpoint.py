@@ -337,13 +337,15 @@ def check_compatible(checkpoint_dir: str | Path, cfg: Config, data_meta: dict, w
         raise CheckpointError(f"{d} was trained on other data: its data_meta.json checksums {their_data} "
                               f"differ from {cfg.data.dir}/meta.json's {ours}")
     theirs_ws = load_state(d)["world_size"]
-    if theirs_ws != world_size and not cfg.train.allow_worker_count_change:
+    if theirs_ws == world_size:
+        return
+    if not cfg.train.allow_worker_count_change:
         raise CheckpointError(f"{d} was written by {theirs_ws} worker(s), this run has {world_size}: each rank's "
                               f"sampler and RNG state would be lost; set ray.num_workers={theirs_ws} to go on exactly, "
                               f"or train.allow_worker_count_change: true to go on with {world_size} (each worker then "
                               "draws a new batch stream)")
     theirs_tokens, ours_tokens = theirs.train.tokens_per_step(theirs_ws), cfg.train.tokens_per_step(world_size)
-    if theirs_ws != world_size and theirs_tokens != ours_tokens:
+    if theirs_tokens != ours_tokens:
         micro, accum = cfg.train.worker_batch(world_size)
         raise CheckpointError(f"{d} trained on {theirs_tokens:,} tokens per step ({theirs_ws} worker(s)); {world_size} "
                               f"worker(s) of {micro} x {accum} sequences would take {ours_tokens:,}: set "

@@ -138,10 +138,14 @@ class ShardedAdamW:
         n = bucket_tensor.numel() // self.world
         return bucket_tensor[self.rank * n:(self.rank + 1) * n]
 
+    def bucket(self, flat: torch.Tensor, bucket: int) -> torch.Tensor:
+        """Bucket `bucket` of a flat buffer."""
+        start, size = self.buckets[bucket]
+        return flat[start:start + size]
+
     def chunk(self, flat: torch.Tensor, bucket: int) -> torch.Tensor:
         """This rank's chunk of bucket `bucket` in a flat buffer."""
-        start, size = self.buckets[bucket]
-        return self.mine(flat[start:start + size])
+        return self.mine(self.bucket(flat, bucket))
 
     def _gradient_done(self, bucket: int) -> None:
         """A parameter's gradient hook: the bucket's last gradient of the step's last micro-batch lets its
@@ -153,10 +157,9 @@ class ShardedAdamW:
             self._reduce(len(self.reducing))
 
     def _reduce(self, bucket: int) -> None:
-        start, size = self.buckets[bucket]
-        full = self.flat_grad[start:start + size]
+        full = self.bucket(self.flat_grad, bucket)
         if self.grad_dtype == torch.float32:  # in place: the sum lands in this rank's chunk
-            work, low = reduce_scatter(self.chunk(self.flat_grad, bucket), full, async_op=True), None
+            work, low = reduce_scatter(self.mine(full), full, async_op=True), None
         else:  # e.g. bfloat16: each rank's gradient rounded once (divided first: the sum stays in range)
             low = full.to(self.grad_dtype).div_(self.world)
             work = reduce_scatter(self.mine(low), low, async_op=True)
@@ -196,8 +199,8 @@ class ShardedAdamW:
     def step(self) -> None:
         self.inner.step()
         for b in reversed(range(len(self.buckets))):  # in the order the next forward uses them
-            start, size = self.buckets[b]
-            work = all_gather(self.flat_param[start:start + size], self.chunk(self.flat_param, b), async_op=self.overlap)
+            weights = self.bucket(self.flat_param, b)
+            work = all_gather(weights, self.mine(weights), async_op=self.overlap)  # in place
             if self.overlap:
                 self.gathering[b] = work
         self.has_state = True
@@ -219,8 +222,9 @@ class ShardedAdamW:
             local = torch.zeros_like(self.flat_param)  # this rank's chunks filled in, the rest gathered
             for _, start, piece in self.pieces:
                 local[start:start + piece.numel()] = self.inner.state[piece][key]
-            for b, (start, size) in enumerate(self.buckets):
-                all_gather(local[start:start + size], self.chunk(local, b))  # in place
+            for b in range(len(self.buckets)):
+                gathered = self.bucket(local, b)
+                all_gather(gathered, self.mine(gathered))  # in place
             full[key] = local
         if not self.pieces:  # chunks of padding only (tiny models on many ranks): nothing of its own to add
             return out

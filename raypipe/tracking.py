@@ -84,7 +84,10 @@ def offline_logged_step(wandb_dir: str | Path, run_id: str) -> int:
 _open: list["Tracker"] = []  # the tracker of this process whose run is open (rank 0 logs, one run at a time)
 
 
-def wait_for_exit_record(path: str, timeout: float = 30.0) -> bool:
+EXIT_RECORD_WAIT_S = 30.0  # how long finish() waits for an offline run's file to be complete
+
+
+def wait_for_exit_record(path: str, timeout: float = EXIT_RECORD_WAIT_S) -> bool:
     """Wait until W&B's service has written the run's exit record to its transaction log. Offline,
     `run.finish()` can return before the service writes the file's last block (under load, seconds
     before): a process that exits or is killed right then would leave the last evaluations unwritten."""
@@ -163,5 +166,5 @@ class Tracker:
             log_file = run.settings.sync_file
             run.finish()
             if self.mode == "offline" and not wait_for_exit_record(log_file):
-                print(f"[raypipe] W&B: {log_file} has no exit record 30 s after the run finished; "
+                print(f"[raypipe] W&B: {log_file} has no exit record {EXIT_RECORD_WAIT_S:g} s after the run finished; "
                       "its last records may be missing", flush=True)
