@@ -113,7 +113,8 @@ class TrainConfig:
     # ddp_grad_dtype, each worker clips and updates 1/N of the parameters and keeps 1/N of AdamW's state
     shard_optimizer: bool = False
     # with shard_optimizer: each block compiled on its own, its gradients reduce-scattered during the backward
-    # of the blocks before it, and its weights all-gathered during the next forward (not measured on GPUs yet)
+    # of the blocks before it, and its weights all-gathered during the next forward (on two GPUs it lost
+    # 2.8 points of scaling: BENCHMARKS.md)
     overlap_comm: bool = False
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
     # a resume may run on another ray.num_workers than the checkpoint's (same tokens per step): each worker
