@@ -10,7 +10,8 @@ sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="max-autotune-no-cudagraphs"`), `sdpa` / `matmul` (`model.attention`; `base` is the committed
 "auto"), `combo` (Inductor's combo kernels), `aggr` (Inductor's aggressive_fusion), `cudagraphs`
 (`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`compiled.compile_blocks`: each block
-compiled on its own, the rest eager), `plainkernels` (`model.fused_kernels: false`:
+compiled on its own, the rest eager), `sync` (the step reads its loss, then its gradient norm, back to
+the host at once, as the loop did before `raypipe/step_results.py`), `plainkernels` (`model.fused_kernels: false`:
 PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
@@ -40,10 +41,10 @@ def unfused_linear(x, *projections):
 
 def apply(variant: str) -> tuple:
     """Set the variant's switches (each reset first); return (compile mode, micro-batch, accumulation,
-    model.attention, model.fused_kernels)."""
+    model.attention, model.fused_kernels, whether the step reads its figures back to the host)."""
     M.fused_linear = FUSED
     inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
-    mode, micro, attention, fused = None, 256, "auto", True
+    mode, micro, attention, fused, sync = None, 256, "auto", True, False
     for part in variant.split("+"):
         if part == "unfused":
             M.fused_linear = unfused_linear
@@ -55,6 +56,8 @@ def apply(variant: str) -> tuple:
             inductor_config.aggressive_fusion = True
         elif part in ("sdpa", "matmul"):
             attention = part
+        elif part == "sync":
+            sync = True
         elif part == "plainkernels":
             fused = False
         elif part == "cudagraphs":
@@ -68,11 +71,11 @@ def apply(variant: str) -> tuple:
         elif part != "base":
             raise SystemExit(f"unknown variant part {part!r}")
     torch._dynamo.reset()
-    return mode, micro, 1024 // micro, attention, fused
+    return mode, micro, 1024 // micro, attention, fused, sync
 
 
 def run(variant: str, cfg, profile: bool) -> None:
-    mode, micro, accum, attention, fused = apply(variant)
+    mode, micro, accum, attention, fused, sync = apply(variant)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused))
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -91,11 +94,16 @@ def run(variant: str, cfg, profile: bool) -> None:
         x = torch.randint(0, cfg.model.vocab_size, (micro, cfg.train.block_size + 1), device=device, generator=gen)
         return x[:, :-1], x[:, 1:]
 
+
     losses = []
 
     def step():
         losses.append(forward_backward(model, next_batch, accum, ctx, scaler))
-        clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
+        if sync:  # the loss, then the norm, read as the loop read them before step_results.py
+            losses[-1] = losses[-1].item()
+        norm = clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)
+        if sync:
+            norm.item()
         optimizer.step()
         optimizer.zero_grad(set_to_none=not graphs)
 
@@ -116,17 +124,35 @@ def run(variant: str, cfg, profile: bool) -> None:
         from torch.profiler import ProfilerActivity
         with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
+            step()  # two steps: the gap between them is part of what a step costs
             step()
             torch.cuda.synchronize()
-            wall = time.perf_counter() - start
+            wall = (time.perf_counter() - start) / 2
         from bench_ddp import intervals_union
-        kernels = [e.time_range for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0]
-        busy = sum(end - begin for begin, end in intervals_union([(k.start, k.end) for k in kernels])) / 1e6
-        print(f"PROFILE {variant}: step wall {1000 * wall:.1f} ms | GPU busy {1000 * busy:.1f} ms | "
+        kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                         if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() > 0)
+        spans = intervals_union([(s, e) for s, e, _ in kernels])
+        busy = sum(end - begin for begin, end in spans) / 2e6  # two steps
+        print(f"PROFILE {variant}: step wall {1000 * wall:.1f} ms | GPU busy {1000 * busy:.1f} ms per step | "
               f"GPU idle {1000 * (wall - busy):.1f} ms", flush=True)
+        print_gaps(kernels, spans)
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
 
+
+def print_gaps(kernels: list, spans: list) -> None:
+    """Where the GPU waits between kernels over the two profiled steps: gaps by size, and the largest
+    with the kernels on either side (microseconds)."""
+    gaps = [(spans[i + 1][0] - spans[i][1], spans[i][1], spans[i + 1][0]) for i in range(len(spans) - 1)]
+    edges = (0, 5, 20, 100, 1000, float("inf"))
+    for lo, hi in zip(edges, edges[1:]):
+        sel = [g for g, _, _ in gaps if lo <= g < hi]
+        print(f"GAPS {lo:>5}-{hi:<5} us: {len(sel):6d} gaps, {sum(sel) / 2e3:7.2f} ms per step", flush=True)
+    ends = {round(e, 3): n for _, e, n in kernels}
+    starts = {round(s, 3): n for s, _, n in kernels}
+    t0 = spans[0][0]
+    for g, before, after in sorted(gaps, reverse=True)[:25]:
+        print(f"GAP {g:9.1f} us at {(before - t0) / 1e3:8.2f} ms after {ends.get(round(before, 3), '?')[:60]!r} "
+              f"before {starts.get(round(after, 3), '?')[:60]!r}", flush=True)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -29,9 +28,10 @@ from .config import Config
 from .data import BatchSampler, CudaPrefetcher, read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM, flops_per_token
-from .optim import configure_optimizer, lr_at
+from .optim import configure_optimizer, lr_at, step_unless
 from .provenance import code_version
 from .sharded_adamw import ShardedAdamW
+from .step_results import NonFiniteError, StepResults  # noqa: F401 (NonFiniteError: raised from here, caught by the driver)
 from .throughput import CompileWatch, Figures, StepClock, measure_peak_flops, progress_line
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
@@ -67,8 +67,9 @@ def autocast_context(dtype: torch.dtype, device: torch.device):
 
 
 def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: int, autocast,
-                     scaler: torch.amp.GradScaler) -> float:
-    """Accumulate gradients over `micro_steps` micro-batches; return their mean loss (over ranks too).
+                     scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Accumulate gradients over `micro_steps` micro-batches; return their mean loss (over ranks too),
+    a float32 scalar on the device: reading it waits for the GPU, so the caller reads it when needed.
 
     Each loss is divided by `micro_steps`, so the summed gradient is that of one batch
     `micro_steps` times larger (and the clip norm means the same for any k). Under DDP only the
@@ -89,17 +90,17 @@ def forward_backward(model: torch.nn.Module, next_batch: Callable, micro_steps: 
         # rank reaching all; ranks that decided alone could diverge or hang in the next collective.
         dist.all_reduce(mean)
         mean /= dist.get_world_size()
-    return mean.item()  # one host sync per optimizer step
+    return mean
 
 
 def clip_gradients(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   max_norm: float) -> float:
-    """Clip the global gradient norm to `max_norm` (0: don't); return the norm before clipping."""
+                   max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm to `max_norm` (0: don't); return the norm before clipping (on the device)."""
     max_norm = max_norm if max_norm > 0 else float("inf")
     if isinstance(optimizer, ShardedAdamW):  # reduces the gradients first: each rank clips its own slice
-        return float(optimizer.reduce_and_clip(max_norm))
+        return optimizer.reduce_and_clip(max_norm)
     scaler.unscale_(optimizer)  # no-op unless float16; clipping must see the true gradients
-    return float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
 
 
 @torch.inference_mode()
@@ -160,10 +161,6 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
-
-
 @dataclass
 class RunState:
     """The run's progress, saved in every checkpoint's state.json and restored from one (weights,
@@ -201,31 +198,24 @@ class Parts:
     autocast: Any  # the autocast context, or a null one for float32
 
 
-def optimizer_step(parts: Parts, next_batch: Callable, step: int, t, streak: int, state: RunState,
-                   log: Callable[[str], None]) -> tuple[float, float, float, int]:
-    """One optimizer step: lr from the schedule, accumulate, clip, update (or skip a non-finite one).
-    Returns (lr, loss, grad norm, non-finite streak)."""
+def optimizer_step(parts: Parts, next_batch: Callable, step: int, t) -> tuple[float, torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """One optimizer step: lr from the schedule, accumulate, clip, update unless the loss or the gradient
+    norm is not finite (the step still counts: schedule and data move on). Nothing here waits for the
+    GPU. Returns (lr, loss, grad norm, skipped), the last three as device scalars (`StepResults` reads them)."""
     lr = lr_at(step, t)
     for group in parts.optimizer.param_groups:
         group["lr"] = lr
     loss = forward_backward(parts.model, next_batch, t.grad_accum_steps, parts.autocast, parts.scaler)
     grad_norm = clip_gradients(parts.raw_model, parts.optimizer, parts.scaler, t.grad_clip)
-    # float16: an infinite gradient is the scaler's business (it skips and lowers the scale).
-    if math.isfinite(loss) and (math.isfinite(grad_norm) or parts.scaler.is_enabled()):
-        parts.scaler.step(parts.optimizer)
-        streak = 0
-    else:  # skip the update; the step still counts (schedule and data move on)
-        state.skipped_steps += 1
-        streak += 1
-        log(f"[raypipe] step {step}: non-finite loss {loss} / grad norm {grad_norm}: update skipped")
-        if streak >= t.max_nonfinite_steps:
-            raise NonFiniteError(f"{streak} optimizer steps in a row had a non-finite loss or "
-                                 f"gradient norm (last: step {step}); the last checkpoint "
-                                 f"(step {state.history[-1]['step'] if state.history else 'none'}) is intact. "
-                                 "Lower train.learning_rate or train.grad_clip, or check the data.")
+    finite = torch.isfinite(loss)
+    if not parts.scaler.is_enabled():  # float16: an infinite gradient is the scaler's (it skips, lowers the scale)
+        finite &= torch.isfinite(grad_norm)
+    skipped = ~finite
+    step_unless(parts.optimizer, parts.scaler, skipped)
     parts.scaler.update()
     parts.optimizer.zero_grad(set_to_none=not isinstance(parts.model, GraphSteps))  # graphs: gradients kept in place
-    return lr, loss, grad_norm, streak
+    return lr, loss, grad_norm, skipped
 
 
 def evaluate(parts: Parts, eval_samplers: dict[str, BatchSampler], t, device: torch.device) -> dict[str, float]:
@@ -369,20 +359,23 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     watch = CompileWatch(log)
     clock = StepClock(next_train_batch, watch, tokens_per_step, flops_per_token(cfg.model, raw_model.num_params(), t.block_size),
                       peak=(lambda: measure_peak_flops(device)) if master else (lambda: None), devices=env.world_size)
-    streak, startup_s = 0, time.time() - launch
+    results, startup_s = StepResults(state, t.max_nonfinite_steps, log), time.time() - launch
     phases = {name: at - launch for name, at in env.startup_marks.items()} if env.launch_time else {}  # where it went
     log(f"[raypipe] first step {startup_s:.1f} s after launch"
         + (f" ({', '.join(f'{name} at {s:.1f} s' for name, s in phases.items())})" if phases else ""))
     try:
         with watch:
             for step in range(first_step, last_step + 1):
-                with clock.step(device):
-                    lr, loss, grad_norm, streak = optimizer_step(parts, next_train_batch, step, t, streak, state, log)
-                state.step = step
-                state.step_losses.append(loss)
                 eval_step = step % t.eval_interval == 0 or step == last_step
-                if step % t.log_interval and not eval_step:
+                report = eval_step or step % t.log_interval == 0
+                with clock.step(device, sync=report):  # a report reads its step at once, other steps a step later
+                    lr, loss, grad_norm, skipped = optimizer_step(parts, next_train_batch, step, t)
+                    results.add(step, lr, loss, grad_norm, skipped)
+                settled = results.settle(keep_newest=not report)
+                state.step = step
+                if not report:
                     continue
+                loss, grad_norm = settled.loss, settled.grad_norm
                 figures, seconds_per_step = clock.interval()  # since the last report: progress line or evaluation
                 if step % t.log_interval == 0:
                     log(progress_line(step, t.max_steps, loss, lr, figures, seconds_per_step, last_step))

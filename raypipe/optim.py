@@ -36,3 +36,19 @@ def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device_type: s
 def adamw(groups: list[dict], cfg: TrainConfig, device_type: str) -> torch.optim.AdamW:
     """torch's AdamW over `groups` with the run's betas; fused (one kernel over all tensors) on CUDA."""
     return torch.optim.AdamW(groups, lr=lr_at(0, cfg), betas=(cfg.beta1, cfg.beta2), fused=device_type == "cuda")
+
+
+def step_unless(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: torch.Tensor) -> None:
+    """Update unless `skip` (a bool scalar on the step's device). A fused AdamW decides on the device:
+    given `found_inf` it leaves weights, moments and step counts alone, so the host does not wait for
+    the GPU. Other optimizers, and float16's GradScaler (which skips overflowing steps itself and
+    lowers its scale), decide on the host. A ZeRO-1 optimizer passes the flag to its inner AdamW."""
+    fused = getattr(optimizer, "inner", optimizer)  # ShardedAdamW: the AdamW over this rank's shard
+    if fused.defaults.get("fused") and not scaler.is_enabled():
+        fused.found_inf = skip.float()
+        try:
+            optimizer.step()
+        finally:
+            del fused.found_inf
+    elif not skip.item():
+        scaler.step(optimizer)

@@ -117,9 +117,13 @@ class Figures:
 
 
 class StepClock:
-    """Wall time of each optimizer step of this session, the host time it waited for batches, and
-    whether it compiled. `interval()` gives the figures since its last call; `steady()` over every
-    step that did not compile. `now` is the clock (a test may pass its own)."""
+    """Time of each optimizer step of this session, the host time it waited for batches, and whether
+    it compiled. `interval()` gives the figures since its last call; `steady()` over every step that
+    did not compile. `now` is the clock (a test may pass its own).
+
+    On a GPU the host queues steps ahead of the GPU, so a step's time is the GPU's: between CUDA events
+    at the ends of consecutive steps (the GPU's idle time between them included), read once a step
+    with `sync` (or one that compiled) is over. On a CPU it is the host's wall time."""
 
     def __init__(self, batches, watch: Optional[CompileWatch] = None, tokens_per_step: int = 0,
                  flops_per_token: float = 0.0, peak: Callable[[], Optional[float]] = lambda: None,
@@ -131,17 +135,31 @@ class StepClock:
         self.data_waits: list[float] = []
         self.compiled: list[bool] = []
         self._mark, self._mark_time = 0, self.start  # where the current interval began
+        self._unread: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # GPU steps not yet timed
+        self._last_end: Optional[torch.cuda.Event] = None  # the end of the step before, while unread
 
     @contextlib.contextmanager
-    def step(self, device: torch.device):
+    def step(self, device: torch.device, sync: bool = True):
+        """Time the step run inside; `sync`: wait for the GPU to finish it (and read every step's time)."""
+        cuda = device.type == "cuda"
+        begin = self._last_end
+        if cuda and begin is None:  # after a sync (or at the start) the GPU's step starts here
+            begin = _recorded_event(device)
         start, waited = self.now(), self.batches.seconds
         compiles = self.watch.count if self.watch is not None else 0
         yield
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        self.step_times.append(self.now() - start)
+        compiled = self.watch is not None and self.watch.count != compiles
+        self.step_times.append(self.now() - start)  # the host's; on a GPU replaced by the GPU's when read
         self.data_waits.append(self.batches.seconds - waited)
-        self.compiled.append(self.watch is not None and self.watch.count != compiles)
+        self.compiled.append(compiled)
+        if cuda:
+            self._last_end = _recorded_event(device)
+            self._unread.append((len(self.step_times) - 1, begin, self._last_end))
+            if sync or compiled:
+                self._last_end.synchronize()
+                for i, first, last in self._unread:
+                    self.step_times[i] = first.elapsed_time(last) / 1000
+                self._unread, self._last_end = [], None
         if self.watch is not None:
             self.watch.settle()
 
@@ -169,6 +187,12 @@ class StepClock:
 
     def compiled_steps(self, first_step: int) -> list[int]:
         return [first_step + i for i, c in enumerate(self.compiled) if c]
+
+
+def _recorded_event(device: torch.device) -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def progress_line(step: int, max_steps: int, loss: float, lr: float, figures: Figures,

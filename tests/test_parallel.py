@@ -64,7 +64,7 @@ def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, sharde
         starts = torch.randint(0, VOCAB, (MICRO_BATCHES, MICRO, 1), generator=torch.Generator().manual_seed(step))
         tokens = (starts + torch.arange(BLOCK + 1)) % VOCAB
         mine = iter([(x[:, :-1].to(device), x[:, 1:].to(device)) for x in tokens[rank::world]])
-        losses.append(forward_backward(model, partial(next, mine), MICRO_BATCHES // world, autocast, scaler))
+        losses.append(forward_backward(model, partial(next, mine), MICRO_BATCHES // world, autocast, scaler).item())
         if overlap:  # every bucket's reduce-scatter was started by its gradients' hooks, during the backward
             assert len(optimizer.reducing) == len(optimizer.buckets) > 2
         clip_gradients(raw, optimizer, scaler, cfg.train.grad_clip)

@@ -220,7 +220,7 @@ def _rank_loss(rank: int, world: int, init_file: str, out) -> None:
         x = torch.full((3,), float("nan") if rank == 1 else 1.0)  # only rank 1 sees a non-finite loss
         loss = forward_backward(model, lambda: (x, None), 2, contextlib.nullcontext(),
                                 torch.amp.GradScaler("cpu", enabled=False))
-        out.put((rank, loss))
+        out.put((rank, loss.item()))
     finally:
         dist.destroy_process_group()
 
