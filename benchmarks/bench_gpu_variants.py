@@ -2,7 +2,11 @@
 
     python benchmarks/bench_gpu_variants.py base unfused mb512 unfused+mb512 cdt+mb512 autotune+mb512
     python benchmarks/bench_gpu_variants.py sdpa+plainkernels base combo mb512
-    python benchmarks/bench_gpu_variants.py --profile base     # also a torch.profiler table of one step
+    python benchmarks/bench_gpu_variants.py --profile sync     # also a torch.profiler table of two steps
+                                                               # and the gaps between their kernels
+
+(Under the profiler the host records every operation and falls behind the GPU: profile `sync`, whose
+step waits for the GPU at its end, to see where a step's time goes; `base` then shows the profiler.)
 
 Each variant joins parts with '+': `base` (the model as committed), `unfused` (q/k/v as separate
 matmuls, as before `model.fused_linear`), `mbN` (micro-batch N, accumulation 1024 / N: the same 1,024
