@@ -320,6 +320,10 @@ def describe_failure(error: BaseException, run_dir: str) -> str:
     rank, cause = root_cause(error)
     if isinstance(cause, (UserError, NonFiniteError)):
         what = str(cause)
+    elif isinstance(cause, torch.OutOfMemoryError):  # its message runs on for lines; what to change is ours to say
+        first = ". ".join(str(cause).split(". ")[:2]).strip()[:300]  # "CUDA out of memory. Tried to allocate 3.29 GiB"
+        what = (f"{type(cause).__name__}: {first}. The micro-batch does not fit this GPU: halve train.batch_size "
+                "and double train.grad_accum_steps (the same sequences per step, less memory)")
     else:  # a bug or a crash: its type and first line; the worker's traceback is in the log above
         first = (str(cause).strip().splitlines() or [""])[0][:300]
         what = f"{type(cause).__name__}: {first} (traceback above)"

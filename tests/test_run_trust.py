@@ -5,6 +5,7 @@ on skipping a non-finite step. Real local Ray, real checkpoints, real gloo proce
 import contextlib
 import json
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from helpers import tiny_config
 from raypipe.checkpoint import file_digest, latest_checkpoint, load_state
 from raypipe.config import load_config
+from raypipe.driver import describe_failure
 from raypipe.loop import forward_backward
 from raypipe.train import main
 
@@ -184,6 +186,23 @@ def test_a_non_finite_streak_ends_in_one_clear_message(ray_cluster, embedded_dat
     assert err[0].startswith("error: training failed on rank 0: 3 optimizer steps in a row had a non-finite loss")
     assert err[1] == (f"run directory: {run_dir}; last complete checkpoint: {last.name} (step "
                       f"{load_state(last)['step']}); go on with: python -m raypipe.train --resume {run_dir}")
+
+
+def test_a_gpu_out_of_memory_names_the_keys_that_fit_it(tmp_path):
+    """A worker's CUDA out-of-memory error, as it reaches the driver from Ray Train's controller: its
+    first two sentences and what to change, on one line, not its paragraph of allocator advice."""
+    from ray.train.v2.api.exceptions import WorkerGroupError
+
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.29 GiB. GPU 0 has a total capacity of "
+                                 "79.19 GiB of which 1.21 GiB is free. Including non-PyTorch memory, this process "
+                                 "has 77.97 GiB memory in use. If reserved but unallocated memory is large try "
+                                 "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    error = pickle.loads(pickle.dumps(WorkerGroupError("rank 1 failed", {1: oom})))
+    first, where = describe_failure(error, str(tmp_path / "run")).splitlines()
+    assert first == ("training failed on rank 1: OutOfMemoryError: CUDA out of memory. Tried to allocate 3.29 GiB. "
+                     "The micro-batch does not fit this GPU: halve train.batch_size and double "
+                     "train.grad_accum_steps (the same sequences per step, less memory)")
+    assert where == f"run directory: {tmp_path / 'run'}; no complete checkpoint was written"
 
 
 # --- resume in place from the checkpoint the driver verified (runs last: it extends the shared run) -----
