@@ -27,7 +27,8 @@ from .config import Config, ConfigError
 from .corpus import ensure_embedded_corpus
 from .data import unigram_entropy, validate_data
 from .errors import UserError
-from .loop import NonFiniteError, WorkerEnv, train
+from .loop import WorkerEnv, train
+from .step_results import NonFiniteError
 from .staging import node_cache_dir, stage_data, staging_enabled
 from .tracking import resolve_mode
 

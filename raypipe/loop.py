@@ -31,7 +31,7 @@ from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at, step_unless
 from .provenance import code_version
 from .sharded_adamw import ShardedAdamW
-from .step_results import NonFiniteError, StepResults  # noqa: F401 (NonFiniteError: raised from here, caught by the driver)
+from .step_results import StepResults
 from .throughput import CompileWatch, Figures, StepClock, measure_peak_flops, progress_line
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
@@ -375,7 +375,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
                 state.step = step
                 if not report:
                     continue
-                loss, grad_norm = settled.loss, settled.grad_norm
+                lr, loss, grad_norm = settled.lr, settled.loss, settled.grad_norm  # this step's, read at once
                 figures, seconds_per_step = clock.interval()  # since the last report: progress line or evaluation
                 if step % t.log_interval == 0:
                     log(progress_line(step, t.max_steps, loss, lr, figures, seconds_per_step, last_step))

@@ -20,7 +20,8 @@ from helpers import tiny_config
 from raypipe.checkpoint import (CheckpointError, check_compatible, file_digest, latest_checkpoint, load_for_resume,
                                 load_model, load_state, verify)
 from raypipe.data import read_meta
-from raypipe.loop import NonFiniteError, WorkerEnv, train
+from raypipe.loop import WorkerEnv, train
+from raypipe.step_results import NonFiniteError
 from raypipe.train import main
 from wandb_offline import offline_runs
 
