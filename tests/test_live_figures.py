@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._inductor.config
 import yaml
 
 from helpers import RAY_ENVIRON, tiny_config
@@ -132,9 +131,7 @@ def test_reporting_leaves_the_loss_curve_bit_identical(embedded_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_compiling_steps_are_announced_timed_and_left_out(embedded_data, tmp_path, monkeypatch):
-    # A real compilation whatever ran before: another test's graphs in Inductor's caches would make this one quick.
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+def test_compiling_steps_are_announced_timed_and_left_out(embedded_data, tmp_path):
     cfg = tiny_run(embedded_data, tmp_path, max_steps=6, eval_interval=6, log_interval=3, eval_batches=1, compile=True)
     cfg.model.n_layer, cfg.model.global_every, cfg.wandb.mode = 1, 1, "disabled"
     torch._dynamo.reset()
