@@ -136,7 +136,9 @@ def test_compiling_steps_are_announced_timed_and_left_out(embedded_data, tmp_pat
     cfg.model.n_layer, cfg.model.global_every, cfg.wandb.mode = 1, 1, "disabled"
     torch._dynamo.reset()
     lines = []
-    summary = train(cfg, WorkerEnv(log=lines.append))
+    # Inductor's caches off: a compile earlier in the same process must not make this one near-instant.
+    with torch._inductor.config.patch(force_disable_caches=True):
+        summary = train(cfg, WorkerEnv(log=lines.append))
     torch._dynamo.reset()
     start = lines.index("[raypipe] compiling the model (torch.compile) ...")
     done = [line for line in lines if line.startswith("[raypipe] compiled in ")]
