@@ -16,10 +16,8 @@ sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`compiled.compile_blocks`: each block
 compiled on its own, the rest eager), `sync` (the step reads its loss, then its gradient norm, back to
 the host at once, as the loop did before `raypipe/step_results.py`), `plainkernels` (`model.fused_kernels: false`:
-PyTorch's cross-entropy and GELU, compiled by Inductor), `mlpgemm` (the MLP's matmuls by cuBLAS around
-kernels.py's gated GELU, as before `raypipe/mlp_kernels.py`), `notma` (its kernels without TMA).
-Steps are the loop's own `forward_backward`,
-clipping and fused AdamW on the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
+PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
+the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
 a percent or two.
 """
@@ -32,7 +30,6 @@ import torch
 import torch._inductor.config as inductor_config
 import torch.nn.functional as F
 
-from raypipe import mlp_kernels
 from raypipe import model as M
 from raypipe.config import load_config
 from raypipe.compiled import GraphSteps, compile_blocks
@@ -40,21 +37,16 @@ from raypipe.loop import clip_gradients, forward_backward
 from raypipe.optim import configure_optimizer
 
 FUSED = M.fused_linear
-GATED_MLP = M.gated_mlp
 
 
 def unfused_linear(x, *projections):
     return tuple(F.linear(x, p.weight) for p in projections)
 
 
-def unfused_mlp(x, w_gate_up, w_down, fused=True):
-    return mlp_kernels.gated_mlp_reference(x, w_gate_up, w_down, fused_gelu=fused)
-
-
 def apply(variant: str) -> tuple:
     """Set the variant's switches (each reset first); return (compile mode, micro-batch, accumulation,
     model.attention, model.fused_kernels, whether the step reads its figures back to the host)."""
-    M.fused_linear, M.gated_mlp, mlp_kernels.TMA = FUSED, GATED_MLP, True
+    M.fused_linear = FUSED
     inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
     mode, micro, attention, fused, sync = None, 256, "auto", True, False
     for part in variant.split("+"):
@@ -70,10 +62,6 @@ def apply(variant: str) -> tuple:
             attention = part
         elif part == "sync":
             sync = True
-        elif part == "mlpgemm":
-            M.gated_mlp = unfused_mlp
-        elif part == "notma":
-            mlp_kernels.TMA = False
         elif part == "plainkernels":
             fused = False
         elif part == "cudagraphs":

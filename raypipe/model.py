@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .kernels import cross_entropy
-from .mlp_kernels import gated_mlp
+from .kernels import cross_entropy, gated_gelu
 
 
 ROPE_POSITIONS = 2048  # rotary tables precomputed for this many positions; longer inputs extend them
@@ -171,8 +170,8 @@ class MLP(nn.Module):
         self.fused = cfg.fused_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_gate_up = torch.cat([self.gate_proj.weight, self.up_proj.weight])  # one matmul for both
-        return gated_mlp(x, w_gate_up, self.down_proj.weight, fused=self.fused)
+        gate_up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight]))  # one matmul for both
+        return self.down_proj(gated_gelu(gate_up, fused=self.fused))
 
 
 class Block(nn.Module):
