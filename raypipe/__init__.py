@@ -7,7 +7,7 @@ __all__ = ["get_batch", "estimate_loss"]
 def __getattr__(name: str):
     # The reference script's names, imported on first use: `python -m raypipe.prepare` need not pay for torch.
     if name == "get_batch":
-        from .data import get_batch
+        from .batches import get_batch
 
         return get_batch
     if name == "estimate_loss":

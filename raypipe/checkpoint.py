@@ -30,14 +30,17 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
-import torch
 
 from .config import Config
 from .errors import UserError
-from .model import GemmaLM
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made or read: the driver's checks run without it
+    import torch
+
+    from .model import GemmaLM
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2  # 1: sizes only; 2: sizes and digests (file_digest), rank files in rank_<r>.json
@@ -74,6 +77,8 @@ class Resume:
 
 def capture_rank_state(sampler, device: torch.device) -> dict:
     """`sampler`: the training batch source (BatchSampler or CudaPrefetcher), or any torch.Generator."""
+    import torch
+
     np_state = np.random.get_state(legacy=False)
     return {
         "python": random.getstate(),
@@ -86,6 +91,8 @@ def capture_rank_state(sampler, device: torch.device) -> dict:
 
 
 def restore_rank_state(rank_state: dict, sampler, device: torch.device) -> None:
+    import torch
+
     version, internal, gauss = rank_state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = rank_state["numpy"]
@@ -139,6 +146,7 @@ def save_checkpoint(parent: str | Path, name: str, *, rank: int, rank_state: dic
     """Write `parent/name` through a temporary sibling and one rename: a crash leaves no partial
     directory under the final name. Rank 0 passes model, optimizer state, config and state. Every file's
     size and digest are recorded (manifest.json; rank_<r>.json for each rank's own file)."""
+    import torch
     from safetensors.torch import save_file
 
     parent = Path(parent)
@@ -237,6 +245,8 @@ def verify(checkpoint_dir: str | Path) -> dict:
 
 
 def _torch_load(path: Path):
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files and pickles that would run code are refused alike
@@ -291,6 +301,8 @@ def load_model_weights(model: GemmaLM, weights: dict, path: Path) -> GemmaLM:
 
 def load_model(checkpoint_dir: str | Path, device: str | torch.device = "cpu", *, verified: bool = False) -> GemmaLM:
     """A fresh model of the checkpoint's shape with its weights (`verified`: the caller has just run verify)."""
+    from .model import GemmaLM
+
     d = Path(checkpoint_dir)
     if not verified:
         verify(d)

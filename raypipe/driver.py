@@ -5,6 +5,11 @@ to resume before Ray starts, starts or joins Ray, runs `train_func` on every wor
 `summary.json`, `config.yaml` and `metrics.jsonl` into the run directory (`storage_path/name`). A
 failed run ends in `RunFailed`: the root cause and where the last complete checkpoint is.
 `train_func` is the thin adapter between Ray and `loop.train`. Used by the train, sweep and bench CLIs.
+
+The trainer is TorchTrainer's own parts (Ray Train's DataParallelTrainer with a torch backend,
+torch_backend.py), and nothing here imports torch: the workers do. Importing it in the driver cost
+3.5 s of an H100 host's launch before Ray started; tests/test_torch_backend.py runs a whole launch
+with torch unimportable in the driver.
 """
 
 from __future__ import annotations
@@ -19,16 +24,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
 import yaml
 
 from .checkpoint import check_compatible, choose_resume, latest_checkpoint, load_for_resume, load_state
 from .config import Config, ConfigError
 from .corpus import ensure_embedded_corpus
 from .data import unigram_entropy, validate_data
-from .errors import UserError
-from .loop import WorkerEnv, train
-from .step_results import NonFiniteError
+from .errors import NonFiniteError, UserError
 from .staging import node_cache_dir, stage_data, staging_enabled
 from .tracking import resolve_mode
 
@@ -73,6 +75,17 @@ def check_wandb_login(cfg: Config) -> None:
                           "`wandb login`): log in, or set wandb.mode: auto (offline without credentials) or offline")
 
 
+def process_start_time() -> float:
+    """When this process started (time.time() scale): the launch a start-up time counts from. Linux
+    keeps the start in clock ticks since boot (/proc/self/stat, field 22); elsewhere: now."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # fields from the 3rd on
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        return time.time() - (time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.time()
+
+
 def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
     """Why the workers cannot all start on this machine (None: they can, or a cluster decides).
     `have`: a running Ray's resources; by default what a fresh local Ray would get."""
@@ -80,7 +93,7 @@ def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
         if os.environ.get("RAY_ADDRESS"):
             return None
         have = {"CPU": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-                "GPU": torch.cuda.device_count()}
+                "GPU": local_gpus()}
     r = cfg.ray
     need_cpu = r.num_workers * r.cpus_per_worker
     need_gpu = r.num_workers * r.gpus_per_worker if r.use_gpu else 0
@@ -89,6 +102,16 @@ def local_misfit(cfg: Config, have: Optional[dict] = None) -> Optional[str]:
     return (f"ray: {r.num_workers} worker(s) x (CPU {r.cpus_per_worker:g}"
             f"{f', GPU {r.gpus_per_worker:g}' if r.use_gpu else ''}) do not fit this machine "
             f"(CPU {have.get('CPU', 0):g}, GPU {have.get('GPU', 0):g})")
+
+
+def local_gpus() -> int:
+    """The GPUs a fresh local Ray would register here: Ray's own count (NVML, within CUDA_VISIBLE_DEVICES).
+    Asking torch instead would import it in the driver, seconds before Ray starts."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    gpus = get_accelerator_manager_for_resource("GPU")
+    count, visible = gpus.get_current_node_num_accelerators(), gpus.get_current_process_visible_accelerator_ids()
+    return count if visible is None else min(count, len(visible))
 
 
 def train_func(loop_config: dict) -> dict:
@@ -103,6 +126,8 @@ def _train_worker(loop_config: dict) -> dict:
     started = time.time()
     import ray.train
     import ray.train.torch
+
+    from .loop import WorkerEnv, train
 
     cfg = Config.from_dict(loop_config["config"])
     quiet_ray_report_lines()
@@ -219,7 +244,7 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, 
                  startup_marks: Optional[dict[str, float]] = None):
     """`startup_marks`: {phase: time.time()} between the launch and the trainer, for the first-step line."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer  # TorchTrainer's base, without torch
     from ray.train.v2._internal.execution.callback import WorkerCallback  # Ray's hook into worker shutdown
 
     from .torch_backend import torch_config
@@ -235,9 +260,9 @@ def make_trainer(cfg: Config, wandb_dir: str, callbacks: Optional[list] = None, 
 
     r = cfg.ray
     resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.use_gpu else {})}
-    return TorchTrainer(
+    return DataParallelTrainer(
         train_func,
-        torch_config=torch_config(r.use_gpu),  # torch set up on the workers only, not in Ray's controller
+        backend_config=torch_config(r.use_gpu),  # torch set up on the workers only, not in Ray's controller
         train_loop_config={"config": cfg.to_dict(), "wandb_dir": wandb_dir, "launch_time": launch_time,
                            "startup_marks": startup_marks or {}},
         scaling_config=ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources,
@@ -315,13 +340,18 @@ def root_cause(error: BaseException) -> tuple[Optional[int], BaseException]:
     return rank, cause
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")  # a torch error that reached the driver imported torch to be unpickled
+    return torch is not None and isinstance(error, torch.OutOfMemoryError)
+
+
 def describe_failure(error: BaseException, run_dir: str) -> str:
     """Two lines: what failed (the root cause, not Ray's wrapping), and where the run and its last
     complete checkpoint are, with the command that goes on from it."""
     rank, cause = root_cause(error)
     if isinstance(cause, (UserError, NonFiniteError)):
         what = str(cause)
-    elif isinstance(cause, torch.OutOfMemoryError):  # its message runs on for lines; what to change is ours to say
+    elif is_out_of_memory(cause):  # its message runs on for lines; what to change is ours to say
         first = ". ".join(str(cause).split(". ")[:2]).strip()[:300]  # "CUDA out of memory. Tried to allocate 3.29 GiB"
         what = (f"{type(cause).__name__}: {first}. The micro-batch does not fit this GPU: halve train.batch_size "
                 "and double train.grad_accum_steps (the same sequences per step, less memory)")

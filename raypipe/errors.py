@@ -11,3 +11,8 @@ class UserError(ValueError):
 
 class ConfigError(UserError):
     """A configuration value or file is wrong; the message says which and what is expected."""
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm (step_results.StepResults
+    raises it; defined here, without torch, for the driver to recognise)."""

@@ -25,7 +25,8 @@ from .checkpoint import (Resume, capture_rank_state, check_compatible, checkpoin
                          load_model_weights, restore_rank_state, save_checkpoint)
 from .compiled import GraphSteps, step_model
 from .config import Config
-from .data import BatchSampler, CudaPrefetcher, read_meta
+from .batches import BatchSampler, CudaPrefetcher
+from .data import read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at, step_unless

@@ -14,9 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+from .errors import NonFiniteError
 
 
 @dataclass

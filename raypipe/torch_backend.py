@@ -12,9 +12,12 @@ a launch reached its first step 1.7 s sooner on average (BENCHMARKS.md, start-up
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -22,6 +25,7 @@ from ray.train.backend import Backend, BackendConfig
 
 logger = logging.getLogger(__name__)
 
+RAY_TORCH_CONFIG = "ray.train.torch.config"
 RAY_SETUP = ("_set_torch_distributed_env_vars", "_setup_torch_process_group", "_shutdown_torch")
 SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT_S = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", 30  # as Ray's own backend
 
@@ -29,13 +33,24 @@ SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT_S = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT
 def torch_config(use_gpu: bool) -> BackendConfig:
     """The backend config for a TorchTrainer: nccl on GPUs, gloo on CPUs."""
     backend = "nccl" if use_gpu else "gloo"
-    from ray.train.torch import config as ray_torch  # the driver has torch already
-
     from ray.train._internal import utils as ray_utils
 
-    if all(hasattr(ray_torch, name) for name in RAY_SETUP) and hasattr(ray_utils, "get_address_and_port"):
+    if has_ray_setup() and hasattr(ray_utils, "get_address_and_port"):
         return LazyTorchConfig(backend=backend)
+    from ray.train.torch import config as ray_torch
+
     return ray_torch.TorchConfig(backend=backend)
+
+
+def has_ray_setup() -> bool:
+    """Whether this Ray's `ray.train.torch.config` defines the functions the workers call. Unless it is
+    imported already, its source is read: importing it would import torch in the driver."""
+    module = sys.modules.get(RAY_TORCH_CONFIG)
+    if module is not None:
+        return all(hasattr(module, name) for name in RAY_SETUP)
+    path = Path(importlib.util.find_spec("ray.train").origin).parent / "torch" / "config.py"  # not its package: torch
+    source = path.read_text() if path.is_file() else ""
+    return all(f"def {name}(" in source for name in RAY_SETUP)
 
 
 @dataclass
@@ -50,9 +65,7 @@ class LazyTorchConfig(BackendConfig):
 
     @property
     def train_func_context(self):  # entered on each worker around the train function (sets its CUDA device)
-        from ray.train.torch.config import TorchConfigContextManager
-
-        return TorchConfigContextManager
+        return WorkerDeviceContext
 
     @property
     def framework(self):
@@ -62,6 +75,20 @@ class LazyTorchConfig(BackendConfig):
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+
+
+class WorkerDeviceContext:
+    """Ray's `TorchConfigContextManager` (each worker's default CUDA device), imported on the worker: the
+    driver builds the train function around this class, and Ray's would import torch there."""
+
+    def __enter__(self):
+        from ray.train.torch.config import TorchConfigContextManager
+
+        self.ray_context = TorchConfigContextManager()
+        return self.ray_context.__enter__()
+
+    def __exit__(self, *exc_info):
+        return self.ray_context.__exit__(*exc_info)
 
 
 def on_worker(name: str, **kwargs) -> Any:

@@ -13,17 +13,13 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .checkpoint import (CHECKPOINT_GLOB, MANIFEST, CheckpointError, check_compatible, latest_checkpoint, load_state,
                          read_config, verify)
 from .config import Config, ConfigError, apply_override, load_config, print_config
 from .data import DataError, validate_data
-from .driver import RunFailed, check_wandb_login, local_misfit, run
+from .driver import RunFailed, check_wandb_login, local_misfit, process_start_time, run
 from .errors import UserError
-from .model import GemmaLM
 from .staging import is_uri, read_remote_meta
-from .throughput import process_start_time
 from .validation import check_name, validate
 
 
@@ -128,6 +124,10 @@ def dry_run(cfg: Config) -> None:
     check_wandb_login(cfg)
     if cfg.resume_from and meta is not None:  # as the run does before Ray starts (no data yet: said above)
         check_compatible(cfg.resume_from, cfg, meta, cfg.ray.num_workers)
+    import torch
+
+    from .model import GemmaLM
+
     with torch.device("meta"):  # shapes only: no memory, no init time, even for the 270M recipe
         model = GemmaLM(cfg.model)
     per_step = t.tokens_per_step(cfg.ray.num_workers)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from raypipe.data import (BatchSampler, CudaPrefetcher, DataError, get_batch, read_meta, unigram_entropy, validate_data,
-                          write_dataset)
+from raypipe.batches import BatchSampler, CudaPrefetcher, get_batch
+from raypipe.data import DataError, read_meta, unigram_entropy, validate_data, write_dataset
 
 
 def make_data(root: Path, n_train: int = 5000, n_val: int = 1000, vocab: int = 60000) -> Path:

@@ -235,7 +235,7 @@ def test_launch_is_the_process_start():
     import subprocess
     import sys
 
-    code = ("import time; now = time.time(); import torch; from raypipe.throughput import process_start_time; "
+    code = ("import time; now = time.time(); import torch; from raypipe.driver import process_start_time; "
             "print(now - process_start_time())")
     before_first_line = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 0 < before_first_line < 5  # the interpreter's own start, before the script's first line

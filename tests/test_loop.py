@@ -5,7 +5,7 @@ import torch
 
 from helpers import tiny_config
 from raypipe.checkpoint import load_model, load_state
-from raypipe.data import BatchSampler
+from raypipe.batches import BatchSampler
 from raypipe.compiled import compile_blocks
 from raypipe.loop import WorkerEnv, clip_gradients, estimate_loss, forward_backward, train
 from raypipe.model import GemmaLM

@@ -299,7 +299,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(embedded_data, tmp_path)
 
 
 def test_a_batch_stream_begun_anew_draws_other_windows(embedded_data):
-    from raypipe.data import BatchSampler
+    from raypipe.batches import BatchSampler
 
     def first_batch(from_step: int) -> torch.Tensor:
         return BatchSampler(embedded_data, "train", 32, 4, "cpu", seed=1, rank=0, from_step=from_step)()[0]

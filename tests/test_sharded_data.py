@@ -14,8 +14,9 @@ import torch
 
 from helpers import tiny_config
 from raypipe.checkpoint import load_state
-from raypipe.data import (VERIFIED, BatchSampler, DataError, Shard, check_meta, read_meta, split_files,
-                          unigram_entropy, validate_data, write_dataset)
+from raypipe.batches import BatchSampler
+from raypipe.data import (VERIFIED, DataError, Shard, check_meta, read_meta, split_files, unigram_entropy, validate_data,
+                          write_dataset)
 from raypipe.loop import WorkerEnv, train
 from raypipe.staging import stage_data
 

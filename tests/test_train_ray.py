@@ -12,7 +12,7 @@ import yaml
 
 from helpers import tiny_config
 from raypipe.checkpoint import load_model, read_config
-from raypipe.data import BatchSampler
+from raypipe.batches import BatchSampler
 from raypipe.loop import estimate_loss
 from raypipe.model import GemmaLM
 from raypipe.train import main
