@@ -6,9 +6,13 @@ started (seconds after launch), the compile time and the launch's wall time.
     python benchmarks/bench_startup.py --runs 2 -- --config configs/gemma3-270m.yaml --set data.dir=... \\
         --set train.max_steps=12 --set train.eval_interval=6 --set train.checkpoint_interval=null
     python benchmarks/bench_startup.py --ray-start "--num-cpus 2" -- --set train.max_steps=4 ...   # CPU
+    python benchmarks/bench_startup.py --own-runs 0 --runs 4 --trees old . -- ...   # before/after, alternately
 
 Everything after `--` goes to `python -m raypipe.train` (each launch adds its own --name and
 --storage-path). The joined Ray runs on its own port and temp dir; only it is stopped at the end.
+With `--trees A B`, the joined launches run from A and B in turn (each its working directory, so its
+`raypipe`; relative paths in the arguments resolve there), after one more launch from the last tree
+that warms the compile cache and is not counted.
 """
 
 import argparse
@@ -42,10 +46,11 @@ def wait_for_port(port: int, head: subprocess.Popen, timeout: float = 120.0) -> 
     raise SystemExit(f"Ray's head did not open port {port} in {timeout:.0f} s")
 
 
-def launch(train_args: list[str], name: str, storage: Path, env: dict) -> dict:
+def launch(train_args: list[str], name: str, storage: Path, env: dict, tree: str = ".") -> dict:
+    """One launch from `tree` (its working directory: `python -m` puts that first on sys.path)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "raypipe.train", *train_args, "--name", name,
-                           "--storage-path", str(storage)], env=env, capture_output=True, text=True)
+                           "--storage-path", str(storage)], env=env, capture_output=True, text=True, cwd=tree)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
@@ -56,7 +61,9 @@ def launch(train_args: list[str], name: str, storage: Path, env: dict) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", type=int, default=2, help="launches of each kind")
+    parser.add_argument("--runs", type=int, default=2, help="launches joining a running Ray")
+    parser.add_argument("--own-runs", type=int, default=None, help="launches starting their own Ray (default: --runs)")
+    parser.add_argument("--trees", nargs="+", default=[], help="source trees whose raypipe the joined launches take in turn")
     parser.add_argument("--ray-start", default="", help="extra `ray start --head` arguments, e.g. '--num-gpus 1'")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then the arguments of raypipe.train")
     args = parser.parse_args()
@@ -65,7 +72,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory(prefix="raypipe-startup-") as tmp:
         storage = Path(tmp) / "runs"
-        for i in range(args.runs):
+        for i in range(args.runs if args.own_runs is None else args.own_runs):
             rows.append(launch(train_args, f"own-ray-{i + 1}", storage, own))
         port, ray_dir = free_port(), str(Path(tmp) / "ray")
         head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
@@ -76,8 +83,13 @@ def main() -> int:
             wait_for_port(port, head)
             # An address given explicitly needs the auth mode too (the head found this user's token file).
             joined = {**own, "RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token"}
+            if args.trees:
+                launch(train_args, "warm-up", storage, joined, args.trees[-1])
             for i in range(args.runs):
-                rows.append(launch(train_args, f"joined-ray-{i + 1}", storage, joined))
+                tree = args.trees[i % len(args.trees)] if args.trees else "."
+                rows.append(launch(train_args, f"joined-ray-{i + 1}", storage, joined, tree))
+                if args.trees:
+                    rows[-1]["run"] += f" ({tree})"
         finally:  # this Ray's processes only (their command lines name its temp dir), not other Rays
             head.terminate()
             head.wait(timeout=60)

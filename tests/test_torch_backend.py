@@ -75,7 +75,7 @@ DRIVER_WITHOUT_TORCH = "import sys; sys.modules['torch'] = None; from raypipe.tr
 
 def test_the_driver_trains_without_importing_torch(ray_cluster, embedded_data, tmp_path):
     """Torch is for the workers: the driver checks the config and data, starts Ray Train and writes the
-    outputs without it (importing it cost 3.5 s of an H100 host's launch, before Ray started)."""
+    outputs without it (importing it cost 4.5 s of an H100 host's launch, before Ray started)."""
     cfg = tiny_config(embedded_data, tmp_path / "runs", max_steps=4, eval_interval=4, eval_batches=1)
     cfg.wandb.mode, cfg.train.sample_tokens = "disabled", 0
     config = tmp_path / "run.yaml"
