@@ -8,8 +8,8 @@ failed run ends in `RunFailed`: the root cause and where the last complete check
 
 The trainer is TorchTrainer's own parts (Ray Train's DataParallelTrainer with a torch backend,
 torch_backend.py), and nothing here imports torch: the workers do. Importing it with the model's
-modules in the driver cost 4.5 s of an H100 host's launch before Ray started; tests/test_torch_backend.py runs a whole launch
-with torch unimportable in the driver.
+modules in the driver cost 4.5 s of an H100 host's launch before Ray started;
+tests/test_torch_backend.py runs a whole launch with torch unimportable in the driver.
 """
 
 from __future__ import annotations
