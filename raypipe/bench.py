@@ -3,8 +3,9 @@
 Runs the product's own per-worker loop (`loop.train`: same model, optimizer, sampler, accumulation,
 clipping) for `--warmup` + `--steps` optimizer steps, on random tokens of the model's vocabulary
 unless `--data` names a prepared directory (throughput does not depend on the token values). First
-bare, in this process without Ray; with `--ray`, again inside a `TorchTrainer` with each worker
-count of `--workers`. Prints one table and writes it as JSON (`--json`).
+bare, in this process without Ray (with the `ray.cpus_per_worker` threads a Ray worker gets); with
+`--ray`, again inside a `TorchTrainer` with each worker count of `--workers`. Prints one table and
+writes it as JSON (`--json`).
 
 Figures count only the steps after `--warmup` (compilation, allocator warm-up):
 - tokens/s over all workers, and per device;
@@ -100,8 +101,15 @@ def run_bare(cfg: Config) -> dict:
 
     os.environ.update(compile_cache_env())  # the cache the Ray workers of this node use
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
-        summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
+    # The threads Ray gives a worker (OMP_NUM_THREADS = its CPUs): the bare loop is then a worker's
+    # like for like, and shares its compiled graphs (Inductor's CPU kernels are keyed on the thread count).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
+    try:
+        with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
+            summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
+    finally:
+        torch.set_num_threads(threads)
     # Hand the GPU back whole before Ray's workers want it: compiled graphs and cached blocks.
     torch._dynamo.reset()
     gc.collect()
