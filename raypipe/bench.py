@@ -91,7 +91,7 @@ def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, p
         "tokens_per_s_per_device": tokens_per_s / workers, "mfu": tokens_per_s * flops / (workers * peak),
         "mfu_matmul": tokens_per_s * matmul_flops / (workers * peak),
         "step_ms": 1000 * statistics.median(times), "peak_gpu_memory_gb": summary["peak_gpu_memory_gb"],
-        "data_wait_frac": sum(waits) / sum(times),
+        "data_wait_frac": sum(waits) / sum(times), "cpu_threads": summary["cpu_threads"],
     }
 
 
@@ -108,6 +108,7 @@ def run_bare(cfg: Config) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
             summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
+        summary["cpu_threads"] = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
     # Hand the GPU back whole before Ray's workers want it: compiled graphs and cached blocks.

@@ -2,6 +2,7 @@
 
 import json
 
+import torch
 import yaml
 
 from helpers import tiny_config
@@ -9,6 +10,7 @@ from raypipe.bench import main
 
 
 def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
+    threads = torch.get_num_threads()
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text(yaml.safe_dump(tiny_config(embedded_data, tmp_path / "unused").to_dict()))
     out = tmp_path / "bench.json"
@@ -24,6 +26,8 @@ def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
         assert 0 <= row["data_wait_frac"] < 1
     assert ray_one["vs_bare"] == ray_one["tokens_per_s"] / bare["tokens_per_s"]
     assert report["peak_flops"] > 0
+    assert bare["cpu_threads"] == ray_one["cpu_threads"] == 1  # the bare loop gets a worker's ray.cpus_per_worker
+    assert torch.get_num_threads() == threads  # and this process's own afterwards
     printed = capsys.readouterr().out
     assert f"| Ray Train | 1 | {ray_one['tokens_per_s']:,.0f} |" in printed
 
