@@ -1,4 +1,4 @@
-"""Ray Train's torch process-group setup, without importing torch in Ray Train's controller.
+"""Ray Train's torch process-group setup, without importing torch in the driver or Ray Train's controller.
 
 TorchTrainer's default `TorchConfig` is defined in a module that imports torch: the run's controller
 actor, which unpickles it, imports torch and ray.train.torch before it starts any worker, and never
@@ -6,6 +6,10 @@ uses them. `LazyTorchConfig` is the same setup: each worker runs Ray's own funct
 (`ray.train.torch.config`) to set the torch.distributed environment, join the process group and leave
 it, called through this torch-free module. Torch is then imported only in the workers: on an H100 host
 a launch reached its first step 1.7 s sooner on average (BENCHMARKS.md, start-up before and after).
+
+The driver, which builds the config and the train function around it, does not import torch either:
+`has_ray_setup` reads Ray's module source instead of importing it, and `WorkerDeviceContext` imports
+Ray's device context on the worker.
 
 `torch_config()` falls back to Ray's `TorchConfig` where those functions are missing (another Ray).
 """
@@ -31,7 +35,7 @@ SHUTDOWN_TIMEOUT_ENV, SHUTDOWN_TIMEOUT_S = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT
 
 
 def torch_config(use_gpu: bool) -> BackendConfig:
-    """The backend config for a TorchTrainer: nccl on GPUs, gloo on CPUs."""
+    """The backend config for Ray Train's trainer: nccl on GPUs, gloo on CPUs."""
     backend = "nccl" if use_gpu else "gloo"
     from ray.train._internal import utils as ray_utils
 

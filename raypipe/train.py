@@ -1,7 +1,8 @@
 """`python -m raypipe.train`: one training run through a Ray Train TorchTrainer.
 
 The command line: flags and config into a checked `Config` (a run to resume, `--dry-run`), then
-`driver.run`, which runs it on Ray and writes the run directory. This module does not import Ray.
+`driver.run`, which runs it on Ray and writes the run directory. This module does not import Ray, nor
+torch (only `--dry-run` does, to count the model's parameters).
 """
 
 from __future__ import annotations
