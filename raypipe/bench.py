@@ -4,7 +4,7 @@ Runs the product's own per-worker loop (`loop.train`: same model, optimizer, sam
 clipping) for `--warmup` + `--steps` optimizer steps, on random tokens of the model's vocabulary
 unless `--data` names a prepared directory (throughput does not depend on the token values). First
 bare, in this process without Ray (with the `ray.cpus_per_worker` threads a Ray worker gets); with
-`--ray`, again inside a `TorchTrainer` with each worker count of `--workers`. Prints one table and
+`--ray`, again under Ray Train with each worker count of `--workers`. Prints one table and
 writes it as JSON (`--json`).
 
 Figures count only the steps after `--warmup` (compilation, allocator warm-up):
@@ -108,7 +108,6 @@ def run_bare(cfg: Config) -> dict:
     try:
         with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
             summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
-        summary["cpu_threads"] = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
     # Hand the GPU back whole before Ray's workers want it: compiled graphs and cached blocks.

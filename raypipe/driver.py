@@ -155,8 +155,7 @@ def _train_worker(loop_config: dict) -> dict:
                     data_dir=local_data_dir(cfg),  # this node's verified copy when staging is on
                     launch_time=loop_config.get("launch_time"),
                     startup_marks={**loop_config.get("startup_marks", {}), "worker started": started})
-    return {**train(cfg, env, resume), "compile_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"],
-            "cpu_threads": sys.modules["torch"].get_num_threads()}  # Ray's OMP_NUM_THREADS: the worker's CPUs
+    return {**train(cfg, env, resume), "compile_cache_dir": os.environ["TORCHINDUCTOR_CACHE_DIR"]}
 
 
 def compile_cache_env() -> dict[str, str]:

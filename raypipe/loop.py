@@ -284,6 +284,7 @@ def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, 
         # this session's steps, for benchmarks: wall time of each, host time waiting for batches
         "step_times_s": clock.step_times, "data_wait_s": clock.data_waits,
         "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        "cpu_threads": torch.get_num_threads(),  # under Ray: OMP_NUM_THREADS, the worker's ray.cpus_per_worker
     }
 
 
