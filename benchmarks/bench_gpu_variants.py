@@ -16,7 +16,10 @@ sequences per step), `cdt` (Inductor's coordinate-descent tuning), `autotune`
 (`mode="reduce-overhead"`, each micro-batch a new graph step), `blocks` (`compiled.compile_blocks`: each block
 compiled on its own, the rest eager), `sync` (the step reads its loss, then its gradient norm, back to
 the host at once, as the loop did before `raypipe/step_results.py`), `plainkernels` (`model.fused_kernels: false`:
-PyTorch's cross-entropy and GELU, compiled by Inductor). Steps are the loop's own `forward_backward`, clipping and fused AdamW on
+PyTorch's cross-entropy and GELU, compiled by Inductor), `fusedhead` (`model.fused_head`: the output head's
+matmul and cross-entropy over chunks of rows, `kernels.linear_cross_entropy`), `headchunkN` (that with N rows
+per chunk).
+Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
 a percent or two.
@@ -43,12 +46,16 @@ def unfused_linear(x, *projections):
     return tuple(F.linear(x, p.weight) for p in projections)
 
 
+HEAD_ROWS = M.kernels.HEAD_CHUNK_ROWS
+
+
 def apply(variant: str) -> tuple:
     """Set the variant's switches (each reset first); return (compile mode, micro-batch, accumulation,
-    model.attention, model.fused_kernels, whether the step reads its figures back to the host)."""
+    model.attention, model.fused_kernels, model.fused_head, whether the step reads its figures back to the host)."""
     M.fused_linear = FUSED
+    M.kernels.HEAD_CHUNK_ROWS = HEAD_ROWS
     inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
-    mode, micro, attention, fused, sync = None, 256, "auto", True, False
+    mode, micro, attention, fused, head, sync = None, 256, "auto", True, False, False
     for part in variant.split("+"):
         if part == "unfused":
             M.fused_linear = unfused_linear
@@ -64,6 +71,10 @@ def apply(variant: str) -> tuple:
             sync = True
         elif part == "plainkernels":
             fused = False
+        elif part == "fusedhead":
+            head = True
+        elif part.startswith("headchunk"):
+            head, M.kernels.HEAD_CHUNK_ROWS = True, int(part[9:])
         elif part == "cudagraphs":
             mode = "reduce-overhead"
         elif part == "blocks":
@@ -75,12 +86,13 @@ def apply(variant: str) -> tuple:
         elif part != "base":
             raise SystemExit(f"unknown variant part {part!r}")
     torch._dynamo.reset()
-    return mode, micro, 1024 // micro, attention, fused, sync
+    return mode, micro, 1024 // micro, attention, fused, head, sync
 
 
-def run(variant: str, cfg, profile: bool) -> None:
-    mode, micro, accum, attention, fused, sync = apply(variant)
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused))
+def run(variant: str, cfg, profile: bool, rows: int = 30) -> None:
+    mode, micro, accum, attention, fused, head, sync = apply(variant)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused,
+                                                             fused_head=head))
     device = torch.device("cuda")
     torch.manual_seed(0)
     raw = M.GemmaLM(cfg.model).to(device)
@@ -140,7 +152,7 @@ def run(variant: str, cfg, profile: bool) -> None:
         print(f"PROFILE {variant}: step wall {1000 * wall:.1f} ms | GPU busy {1000 * busy:.1f} ms per step | "
               f"GPU idle {1000 * (wall - busy):.1f} ms", flush=True)
         print_gaps(kernels, spans)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=90))
 
 
 def print_gaps(kernels: list, spans: list) -> None:
@@ -163,11 +175,12 @@ if __name__ == "__main__":
     parser.add_argument("variants", nargs="+")
     parser.add_argument("--config", default="configs/gemma3-270m.yaml")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--rows", type=int, default=30, help="rows of the profile's table (kernels by total time)")
     args = parser.parse_args()
     config = load_config(args.config, [])
     for name in args.variants:
         try:
-            run(name, config, args.profile)
+            run(name, config, args.profile, args.rows)
         except Exception as e:  # one variant that does not compile or run must not hide the others
             print(f"{name:24s} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
         torch.cuda.empty_cache()  # the finished variant's model and optimizer are gone with run()'s frame

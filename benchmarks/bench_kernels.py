@@ -6,9 +6,14 @@ Forward + backward of the cross-entropy over 32,768 x 50,304 bf16 logits (micro-
 padded GPT-2 vocabulary) and of the gated GELU over 32,768 x (2 x 2,048); each line gives the time
 and the bandwidth that its unavoidable traffic implies (logits read twice and gradient written once;
 gate|up read twice, the output and the gradient written once each). Then the Triton block sizes.
+
+Then the output head's whole forward + backward (matmuls included; time and the memory it adds at its
+peak): the plain head (the padded logits, the cross-entropy kernels, autograd's two matmuls) against
+`kernels.linear_cross_entropy` (`model.fused_head`) by rows per chunk.
 """
 
 import torch
+import torch.nn.functional as F
 from cuda_timing import timed
 
 from raypipe import kernels
@@ -50,5 +55,30 @@ def main() -> None:
         report(f"gated GELU, BLOCK {block}, {warps} warps", timed(run_gelu(kernels.gated_gelu)), gelu_bytes)
 
 
+def head() -> None:
+    torch.cuda.empty_cache()  # main()'s tensors are gone
+    targets = torch.randint(0, VOCAB, (N,), device="cuda")
+    h = torch.randn(N, 640, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(V, 640, device="cuda") * 0.05).to(torch.bfloat16)
+    weight[VOCAB:] = 0
+    weight.requires_grad_()
+    bias = torch.zeros(V, device="cuda", dtype=torch.bfloat16)
+    bias[VOCAB:] = float("-inf")
+
+    def measure(name, loss):
+        ms = timed(lambda: torch.autograd.grad(loss(), (h, weight)))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        torch.autograd.grad(loss(), (h, weight))
+        print(f"{name:48s} {ms:7.3f} ms  peak +{(torch.cuda.max_memory_allocated() - base) / 1e9:5.2f} GB", flush=True)
+
+    measure("head, plain (logits, cross-entropy kernels)", lambda: kernels.cross_entropy(F.linear(h, weight, bias), targets))
+    for rows in (4096, 8192, 16384, 32768):
+        measure(f"head, linear_cross_entropy, {rows} rows a chunk",
+                lambda: kernels.linear_cross_entropy(h, weight, targets, VOCAB, rows))
+
+
 if __name__ == "__main__":
     main()
+    head()

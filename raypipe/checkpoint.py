@@ -326,7 +326,7 @@ def load_for_resume(checkpoint_dir: str | Path, rank: int, world_size: Optional[
                   state=load_state(d), rank_state=_torch_load(d / f"rank_{rank}.pt") if same_world else None)
 
 
-COMPUTE_ONLY = ("init_std", "attention", "fused_kernels")  # model keys a resume may change: the weights load alike
+COMPUTE_ONLY = ("init_std", "attention", "fused_kernels", "fused_head")  # model keys a resume may change: the weights load alike
 
 
 def data_checksums(meta) -> Optional[dict]:

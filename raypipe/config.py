@@ -71,6 +71,11 @@ class ModelConfig:
     # Compute only: raypipe's Triton kernels for the cross-entropy and the gated GELU on GPU
     # (raypipe/kernels.py; the same mathematics, faster); false: PyTorch's own everywhere.
     fused_kernels: bool = True
+    # Compute only: the output head's matmul and cross-entropy over chunks of rows, its logits never whole
+    # (raypipe/kernels.py linear_cross_entropy; the forward then returns no logits with a loss): 5.7 GB less
+    # per 256 x 128 micro-batch at GPT-2's vocabulary, about 1% slower on an H100 (BENCHMARKS.md). For a
+    # larger micro-batch where memory, not speed, stops it.
+    fused_head: bool = False
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Two GPU kernels that the compiler writes slower than the memory allows, for the training step.
+"""GPU kernels for the training step where the compiler's run slower than the memory allows, and the
+output head computed without its whole logits.
 
 - `cross_entropy`: mean cross-entropy of bf16 logits over the (padded) vocabulary. The forward reads
   each row once (online max and sum) and keeps only its log-sum-exp; the backward reads the row again
@@ -6,10 +7,15 @@
   (a split reduction for the 50k-wide rows), 7% of the recipe's step.
 - `gated_gelu`: tanh-GELU(gate) * up from the fused gate|up projection output; its backward writes
   both halves of the gradient in one pass (Inductor's fused cat + GELU backward reached ~1.9 TB/s).
+- `linear_cross_entropy` (`model.fused_head`, for memory, not speed): the output head's matmul and the
+  cross-entropy over chunks of rows, with the same kernels, the gradients computed in the forward: each
+  chunk's logits are overwritten by their gradient, which two matmuls read at once. The whole [N, V]
+  logits and their gradient are never in memory (2 x 3.3 GB per 256 x 128 micro-batch at GPT-2's
+  vocabulary); the smaller matmuls cost about 1% of a recipe step on an H100.
 
-Both are torch custom ops (opaque to torch.compile, with fake kernels for tracing) backed by Triton
-on CUDA. Everywhere else (CPU, no Triton, `model.kernels: off`) the plain PyTorch expression runs;
-that expression is also what the GPU tests compare the kernels with (forward and gradients). The
+All are torch custom ops (opaque to torch.compile, with fake kernels for tracing) backed by Triton
+on CUDA. Everywhere else (CPU, no Triton, `model.fused_kernels: false`) the plain PyTorch expression
+runs; that expression is also what the GPU tests compare the kernels with (forward and gradients). The
 mathematics is the same: float32 arithmetic on bf16 inputs, results rounded to the input's dtype.
 """
 
@@ -57,6 +63,20 @@ def gated_gelu(gate_up: torch.Tensor, fused: bool = True) -> torch.Tensor:
     return gated_gelu_reference(gate_up)
 
 
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight.T (their first `vocab_size` columns) against targets.
+
+    [N, C] h and [V', C] weight (V' >= vocab_size: the rows past vocab_size are padding, never seen) of
+    one dtype; float32 arithmetic inside, as `cross_entropy_reference(F.linear(h, weight))` computes it.
+    With gradients enabled the forward also computes h's and weight's gradients (for a loss scaled by
+    1), and the backward scales them by the loss's gradient: the logits are gone by then.
+    """
+    with_grads = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    loss, _, _ = _head_loss(h, weight, targets, vocab_size, chunk_rows or HEAD_CHUNK_ROWS, with_grads)
+    return loss
+
+
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 if triton is not None:
@@ -80,17 +100,18 @@ if triton is not None:
         tl.store(lse_ptr + row, lse)
 
     @triton.jit
-    def _ce_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr, V, stride, out_stride,
+    def _ce_backward_kernel(logits_ptr, targets_ptr, lse_ptr, grad_ptr, out_ptr, V, width, stride, out_stride,
                             BLOCK: tl.constexpr):
+        """The gradient over a row's `width` columns, of which the first V are logits (the rest get 0)."""
         row = tl.program_id(0).to(tl.int64)
         lse = tl.load(lse_ptr + row)
         g = tl.load(grad_ptr + row)
         target = tl.load(targets_ptr + row)
-        for start in range(0, V, BLOCK):
+        for start in range(0, width, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             x = tl.load(logits_ptr + row * stride + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
             d = (tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)) * g
-            tl.store(out_ptr + row * out_stride + cols, d.to(out_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(out_ptr + row * out_stride + cols, d.to(out_ptr.dtype.element_ty), mask=cols < width)
 
     @triton.jit
     def _tanh(z):
@@ -146,7 +167,7 @@ def _(logits, targets):
 def _ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     N, V = logits.shape
     out = torch.empty_like(logits)
-    _ce_backward_kernel[(N,)](logits, targets, lse, grad.contiguous(), out, V, logits.stride(0), out.stride(0),
+    _ce_backward_kernel[(N,)](logits, targets, lse, grad.contiguous(), out, V, V, logits.stride(0), out.stride(0),
                               BLOCK=CE_BLOCK, num_warps=CE_WARPS)
     return out
 
@@ -208,3 +229,78 @@ def _gelu_grad(ctx, grad):
 
 
 _gelu_forward.register_autograd(_gelu_grad, setup_context=_gelu_setup)
+
+
+HEAD_CHUNK_ROWS = 8192  # rows per chunk of linear_cross_entropy: 0.8 GB of bf16 logits at 50,304 columns
+
+
+def _rows_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, losses: torch.Tensor, vocab: int,
+                        scale: float, with_grads: bool) -> None:
+    """Each row's loss from its first `vocab` columns into `losses` and, with gradients,
+    scale * (softmax - one-hot) over the whole row in place (0 past `vocab`)."""
+    if available(logits):
+        n, width = logits.shape
+        lse = torch.empty_like(losses)
+        _ce_forward_kernel[(n,)](logits, targets, losses, lse, vocab, logits.stride(0), BLOCK=CE_BLOCK, num_warps=CE_WARPS)
+        if with_grads:
+            _ce_backward_kernel[(n,)](logits, targets, lse, torch.full_like(losses, scale), logits, vocab, width,
+                                      logits.stride(0), logits.stride(0), BLOCK=CE_BLOCK, num_warps=CE_WARPS)
+        return
+    x = logits[:, :vocab].float()
+    lse = x.logsumexp(-1, keepdim=True)
+    losses.copy_((lse - x.gather(1, targets[:, None])).squeeze(1))
+    if with_grads:
+        grad = (x - lse).exp()
+        grad[torch.arange(len(targets), device=grad.device), targets] -= 1.0
+        logits[:, :vocab] = grad * scale
+        logits[:, vocab:] = 0
+
+
+def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (float32) += a @ b, a and b of a lower precision, the product accumulated in float32."""
+    if total.is_cuda:
+        torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+    else:
+        total.add_(a.float() @ b.float())
+
+
+@torch.library.custom_op("raypipe::head_loss", mutates_args=())
+def _head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab: int, chunk_rows: int,
+               with_grads: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss, h's gradient, weight's gradient in float32); empty gradients without `with_grads`."""
+    N = h.shape[0]
+    rows = min(N, chunk_rows)
+    buffer = h.new_empty(rows, weight.shape[0])
+    losses = h.new_empty(N, dtype=torch.float32)
+    dh = torch.empty_like(h) if with_grads else h.new_empty(0)
+    dweight = h.new_zeros(weight.shape if with_grads else (0,), dtype=torch.float32)
+    for start in range(0, N, rows):
+        stop = min(start + rows, N)
+        logits = torch.mm(h[start:stop], weight.t(), out=buffer[:stop - start])
+        _rows_loss_and_grad(logits, targets[start:stop], losses[start:stop], vocab, 1.0 / N, with_grads)
+        if with_grads:  # the chunk's logits are now the mean loss's gradient
+            torch.mm(logits, weight, out=dh[start:stop])
+            _add_product(dweight, logits.t(), h[start:stop])
+    return losses.mean(), dh, dweight
+
+
+@_head_loss.register_fake
+def _(h, weight, targets, vocab, chunk_rows, with_grads):
+    loss = h.new_empty((), dtype=torch.float32)
+    if with_grads:
+        return loss, torch.empty_like(h), h.new_empty(weight.shape, dtype=torch.float32)
+    return loss, h.new_empty(0), h.new_empty(0, dtype=torch.float32)
+
+
+def _head_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)
+    ctx.dtypes = inputs[0].dtype, inputs[1].dtype
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _head_grad(ctx, grad_loss, _grad_dh, _grad_dweight):
+    dh, dweight = ctx.saved_tensors
+    return (dh * grad_loss).to(ctx.dtypes[0]), (dweight * grad_loss).to(ctx.dtypes[1]), None, None, None, None
+
+
+_head_loss.register_autograd(_head_grad, setup_context=_head_setup)

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from . import kernels
 from .kernels import cross_entropy, gated_gelu
 
 
@@ -192,7 +193,10 @@ class Block(nn.Module):
 
 
 class GemmaLM(nn.Module):
-    """forward(idx, targets=None) -> (logits, loss), as nanoGPT's GPT and the reference script expect."""
+    """forward(idx, targets=None) -> (logits, loss), as nanoGPT's GPT and the reference script expect.
+
+    With targets and `model.fused_head`, the loss comes from the fused output head and logits is None:
+    the [B, T, vocab] logits are never made whole."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -258,7 +262,10 @@ class GemmaLM(nn.Module):
             x = layer(x, rope_local, rope_global, cache)
         if cache is not None:
             cache.length += T
-        logits = self.output_logits(self.norm(x))
+        h = self.norm(x)
+        if targets is not None and self.cfg.fused_head:
+            return None, self.head_loss(h, targets)
+        logits = self.output_logits(h)
         loss = None
         if targets is not None:  # over the padded width: the -inf columns add nothing
             loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), fused=self.cfg.fused_kernels)
@@ -268,6 +275,15 @@ class GemmaLM(nn.Module):
             # one more pass over the 50k-wide logits per micro-batch (4% of a recipe step on an H100).
             logits = logits.detach()
         return logits[..., :self.cfg.vocab_size], loss
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the output head on h without its logits (kernels.linear_cross_entropy), in
+        autocast's dtype where autocast is on, as F.linear would compute the logits."""
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        weight = F.pad(self.lm_head.weight, (0, 0, 0, self.padded_vocab - self.cfg.vocab_size))
+        return kernels.linear_cross_entropy(h.reshape(-1, h.shape[-1]).to(dtype), weight.to(dtype),
+                                            targets.reshape(-1), self.cfg.vocab_size)
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
         """[..., padded_vocab] logits; columns from vocab_size on are -inf."""

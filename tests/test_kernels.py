@@ -62,7 +62,55 @@ def test_plain_expressions_run_on_cpu_bit_equal():
     assert torch.equal(kernels.gated_gelu(gate_up), F.gelu(gate, approximate="tanh") * up)
 
 
-@pytest.mark.parametrize("name", ["attention", "fused_kernels"])
+def plain_head_loss(h, weight, targets, vocab):
+    return F.cross_entropy(F.linear(h, weight[:vocab]).float(), targets)
+
+
+@pytest.mark.parametrize("chunk_rows", [4, 10, 64])
+def test_linear_cross_entropy_equals_the_plain_head_whatever_the_chunks(chunk_rows):
+    """The chunked loop with its gradients made in the forward (here the PyTorch row step it uses off the
+    GPU): the loss and both gradients of the plain matmul + cross-entropy, padded weight rows unseen."""
+    torch.manual_seed(0)
+    N, C, vocab, padded = 10, 8, 13, 16
+    h, weight = torch.randn(N, C), torch.randn(padded, C)
+    weight[vocab:] = 100.0  # padding rows: seen, they would dominate every softmax
+    targets = torch.randint(0, vocab, (N,))
+    a = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = kernels.linear_cross_entropy(*a, targets, vocab, chunk_rows=chunk_rows)
+    ref = plain_head_loss(*b, targets, vocab)
+    torch.testing.assert_close(ours, ref)
+    (ours * 0.3).backward()
+    (ref * 0.3).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+    assert torch.all(a[1].grad[vocab:] == 0)
+    with torch.no_grad():  # evaluation: the loss alone, the same
+        torch.testing.assert_close(kernels.linear_cross_entropy(h, weight, targets, vocab, chunk_rows=chunk_rows), ref)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_fused_head_trains_the_model_as_the_plain_head(tied):
+    torch.manual_seed(0)
+    cfg = small_model(vocab_size=300, vocab_pad_multiple=128, tie_embeddings=tied)
+    idx = torch.randint(0, 300, (3, 8))
+    results = []
+    for head in (False, True):
+        torch.manual_seed(1)
+        model = GemmaLM(dataclasses.replace(cfg, fused_head=head))
+        logits, loss = model(idx, idx)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+        with torch.no_grad():
+            torch.testing.assert_close(model(idx, idx)[1], loss)
+    (logits, loss_a, grads_a), (no_logits, loss_b, grads_b) = results
+    assert logits.shape == (3, 8, 300) and no_logits is None
+    torch.testing.assert_close(loss_b, loss_a)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["attention", "fused_kernels", "fused_head"])
 def test_compute_switches_are_checked(name):
     from raypipe.config import ConfigError, load_config
 
@@ -91,6 +139,27 @@ def test_cross_entropy_kernel_matches_reference(vocab, padded):
 
 @pytest.mark.gpu
 @needs_gpu
+@pytest.mark.parametrize("vocab,padded,chunk_rows", [(50257, 50304, 384), (1000, 1024, 8192)])
+def test_linear_cross_entropy_kernel_matches_the_plain_head(vocab, padded, chunk_rows):
+    torch.manual_seed(0)
+    h = torch.randn(1000, 640, device="cuda").to(torch.bfloat16)
+    weight = (torch.randn(padded, 640, device="cuda") * 0.05).to(torch.bfloat16)
+    weight[vocab:] = 0  # as the model pads it
+    targets = torch.randint(0, vocab, (1000,), device="cuda")
+    a = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = h.clone().requires_grad_(), weight.clone().requires_grad_()
+    ours = kernels.linear_cross_entropy(*a, targets, vocab, chunk_rows=chunk_rows)
+    ref = plain_head_loss(*b, targets, vocab)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    (ours * 0.25).backward()
+    (ref * 0.25).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad.float(), y.grad.float(), atol=1e-5, rtol=1.6e-2)
+    assert torch.all(a[1].grad[vocab:] == 0)
+
+
+@pytest.mark.gpu
+@needs_gpu
 @pytest.mark.parametrize("rows,hidden", [(1000, 2048), (7, 96)])
 def test_gated_gelu_kernel_matches_reference(rows, hidden):
     torch.manual_seed(0)
@@ -113,7 +182,7 @@ def test_compiled_model_with_kernels_matches_plain_model():
     results = []
     for fused, attention in ((False, "sdpa"), (True, "auto")):
         torch.manual_seed(1)
-        model = GemmaLM(dataclasses.replace(cfg, fused_kernels=fused, attention=attention)).cuda()
+        model = GemmaLM(dataclasses.replace(cfg, fused_kernels=fused, attention=attention, fused_head=fused)).cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             _, loss = torch.compile(model)(idx, idx)
         loss.backward()
