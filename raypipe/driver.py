@@ -31,6 +31,7 @@ from .config import Config, ConfigError
 from .corpus import ensure_embedded_corpus
 from .data import unigram_entropy, validate_data
 from .errors import NonFiniteError, UserError
+from .joining import check_cluster_answers
 from .staging import node_cache_dir, stage_data, staging_enabled
 from .tracking import resolve_mode
 
@@ -208,6 +209,7 @@ def init_ray(cfg: Config) -> None:
     if ray.is_initialized():
         return
     refuse_misfit()  # what a fresh local Ray would get: refused before it starts
+    check_cluster_answers(os.environ.get("RAY_ADDRESS"))
     start = time.perf_counter()
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
              runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", **worker_env_vars()}})

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 from .datafiles import SPLITS, TOKEN_DTYPES, dtype_for_vocab
 from .documents import Options, PrepareError, Task, check_split_options, from_arrow, take_documents, txt_documents, val_mask
 from .errors import UserError
+from .joining import check_cluster_answers
 from .prepare_io import Output, Source, plan_sources, sharded_meta, write_file
 from .tokenize_files import Progress, local_cores
 from .tokenizer import EOT, TokenizerSpec, byte_spec, encode_utf8, encode_with_lengths, file_spec, gpt2_spec, \
@@ -239,6 +240,7 @@ def connect(workers: Optional[int]) -> bool:
     if ray.is_initialized():
         return False
     if os.environ.get("RAY_ADDRESS"):
+        check_cluster_answers(os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=False)
     else:
         ray.init(num_cpus=max(local_cores(), workers or 0), include_dashboard=False, log_to_driver=False)
