@@ -18,7 +18,9 @@ compiled on its own, the rest eager), `sync` (the step reads its loss, then its 
 the host at once, as the loop did before `raypipe/step_results.py`), `plainkernels` (`model.fused_kernels: false`:
 PyTorch's cross-entropy and GELU, compiled by Inductor), `fusedhead` (`model.fused_head`: the output head's
 matmul and cross-entropy over chunks of rows, `kernels.linear_cross_entropy`), `headchunkN` (that with N rows
-per chunk).
+per chunk), `mosplitN` / `moauto` (the rows per program of Inductor's mix-order reductions, which fuse
+RMSNorm's backward with its weight's gradient and leave a sum over the programs' partial sums to a
+separate kernel; or those rows autotuned).
 Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
@@ -55,6 +57,9 @@ def apply(variant: str) -> tuple:
     M.fused_linear = FUSED
     M.kernels.HEAD_CHUNK_ROWS = HEAD_ROWS
     inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
+    if hasattr(inductor_config.triton, "mix_order_reduction_split_size"):  # torch >= 2.10
+        inductor_config.triton.mix_order_reduction_split_size = None
+        inductor_config.triton.mix_order_reduction_autotune_split_size = False
     mode, micro, attention, fused, head, sync = None, 256, "auto", True, False, False
     for part in variant.split("+"):
         if part == "unfused":
@@ -71,6 +76,10 @@ def apply(variant: str) -> tuple:
             sync = True
         elif part == "plainkernels":
             fused = False
+        elif part.startswith("mosplit"):
+            inductor_config.triton.mix_order_reduction_split_size = int(part[7:])
+        elif part == "moauto":
+            inductor_config.triton.mix_order_reduction_autotune_split_size = True
         elif part == "fusedhead":
             head = True
         elif part.startswith("headchunk"):
