@@ -105,6 +105,22 @@ def test_padded_vocabulary_keeps_the_loss_curve(embedded_data, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-4), key
 
 
+def test_the_fused_head_keeps_the_loss_curve(embedded_data, tmp_path):
+    """model.fused_head (the head's matmul and cross-entropy over chunks of rows, gradients made in the
+    forward) trains the same run as the plain head, step by step: accumulation, clipping, evaluation."""
+    curves = {}
+    for fused in (False, True):
+        cfg = tiny_config(embedded_data, tmp_path / str(fused), max_steps=12, grad_accum_steps=2)
+        cfg.model.fused_head, cfg.model.vocab_pad_multiple = fused, 1000  # padded rows the loss must never see
+        cfg.wandb.mode, cfg.train.sample_tokens = "disabled", 0
+        curves[fused] = train(cfg, WorkerEnv(log=lambda _: None))["history"]
+    assert curves[True][-1]["val_loss"] < curves[True][0]["val_loss"]  # it trains
+    for a, b in zip(curves[False], curves[True], strict=True):
+        assert a["step"] == b["step"]
+        for key in ("train_loss", "val_loss", "step_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+
+
 def test_checkpoint_interval_reports_every_eval_and_checkpoints_less_often(embedded_data, tmp_path):
     cfg = tiny_config(embedded_data, tmp_path, max_steps=50, checkpoint_interval=20)
     cfg.wandb.mode, cfg.train.sample_tokens = "disabled", 0

@@ -276,7 +276,7 @@ def test_a_checkpoint_of_another_shape_or_data_is_refused(checkpoint_dir, embedd
     sharded = {k: v for k, v in meta.items() if k != "sha256"} | {"shards": shards}
     with pytest.raises(CheckpointError, match=r"other data"):  # the same tokens in another layout
         check_compatible(checkpoint_dir, cfg, sharded, world_size=1)
-    cfg.model.attention, cfg.model.fused_kernels = "matmul", False  # compute only: the same weights
+    cfg.model.attention, cfg.model.fused_kernels, cfg.model.fused_head = "matmul", False, True  # compute only
     check_compatible(checkpoint_dir, cfg, meta, world_size=1)
     with pytest.raises(CheckpointError, match=r"written by 1 worker\(s\), this run has 2"):
         check_compatible(checkpoint_dir, cfg, meta, world_size=2)
