@@ -1,5 +1,5 @@
-"""GPU kernels for the training step where the compiler's run slower than the memory allows, and the
-output head computed without its whole logits.
+"""The training step's own GPU kernels, where the compiler's run slower than the memory allows, and
+the output head computed without its whole logits.
 
 - `cross_entropy`: mean cross-entropy of bf16 logits over the (padded) vocabulary. The forward reads
   each row once (online max and sum) and keeps only its log-sum-exp; the backward reads the row again

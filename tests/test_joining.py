@@ -60,7 +60,8 @@ def test_an_address_where_nothing_listens_is_one_line(entry, embedded_data, tmp_
     (tmp_path / "in.txt").write_text("a story\n\nanother story\n")
     args = {"train": ["raypipe.train", *data_args(embedded_data)],
             "sweep": ["raypipe.sweep", sweep_file(tmp_path, embedded_data)],
-            "prepare": ["raypipe.prepare", "--ray", "--tokenizer", "byte", str(tmp_path / "in.txt"), "--out", str(tmp_path / "out")]}
+            "prepare": ["raypipe.prepare", "--ray", "--tokenizer", "byte", str(tmp_path / "in.txt"),
+                        "--out", str(tmp_path / "out")]}
     proc = run(args[entry], {**os.environ, "RAY_ADDRESS": address})
     assert_one_line_error(proc, address, "no Ray cluster answers there")
 

@@ -1,7 +1,8 @@
 """The training step's own kernels (raypipe/kernels.py) and attention paths against PyTorch's plain ones.
 
-CPU: the plain expressions are what runs (bit-equal to the model before the kernels), and the
-matmul attention equals SDPA. GPU (skipped here): each Triton kernel against its reference, forward
+CPU: the plain expressions are what runs (bit-equal to the model before the kernels), the
+matmul attention equals SDPA, and the fused output head's chunk loop (with its PyTorch row step)
+equals the plain head. GPU (skipped here): each Triton kernel against its reference, forward
 and gradients, at bf16 tolerances, and the whole compiled model with and without them.
 """
 
