@@ -2,7 +2,6 @@
 from every entry point that joins RAY_ADDRESS, before any work starts."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -10,12 +9,7 @@ import pytest
 import yaml
 
 from raypipe.joining import gcs_host_port
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from test_cluster_jobs import free_ports
 
 
 def without_token(env: dict) -> dict:
@@ -56,7 +50,7 @@ def sweep_file(tmp_path, data) -> str:
 
 @pytest.mark.parametrize("entry", ["train", "sweep", "prepare"])
 def test_an_address_where_nothing_listens_is_one_line(entry, embedded_data, tmp_path):
-    address = f"127.0.0.1:{free_port()}"
+    address = f"127.0.0.1:{free_ports(1)[0]}"
     (tmp_path / "in.txt").write_text("a story\n\nanother story\n")
     args = {"train": ["raypipe.train", *data_args(embedded_data)],
             "sweep": ["raypipe.sweep", sweep_file(tmp_path, embedded_data)],
