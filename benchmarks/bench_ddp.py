@@ -18,8 +18,10 @@ all-reduces so that Inductor can overlap them without cutting the forward; put i
 torch 2.13 and failed to compile on torch 2.11, BENCHMARKS.md), `zero1` (no DDP: raypipe.sharded_adamw's ZeRO-1
 reduce-scatter, sharded clip and AdamW, all-gather; `zero1+bf16` reduces in bf16), `zero1+overlap` (a fresh model with
 each block compiled on its own, `train.overlap_comm`: each block's reduce-scatter during the backward, its
-all-gather during the next forward). Each result line also says whether
-every rank holds the same weights after the steps.
+all-gather during the next forward), `zero1+ceN` (ZeRO-1 whose reduce and gather are copies pulled from the
+peers' memory on the copy engines, `train.shard_transport: peer_copies`, in N ranges pipelined with the sums
+and the updates).
+Each result line also says whether every rank holds the same weights after the steps.
 """
 
 import argparse
@@ -60,6 +62,8 @@ def options(variant: str) -> dict:
             o["static_graph"] = True
         elif part.startswith("b") and part[1:].isdigit():
             o["bucket_mb"] = float(part[1:])
+        elif part.startswith("ce") and part[2:].isdigit():
+            o["copy_ranges"] = int(part[2:])
         elif part not in ("ddp", "split", "ca", "zero1", "overlap"):
             raise SystemExit(f"unknown variant part {part!r}")
     return o
@@ -204,6 +208,9 @@ def worker(rank: int, world: int, args) -> None:
                 weights = model = compile_blocks(GemmaLM(cfg.model).to(device))
                 opt = ShardedAdamW(model, dataclasses.replace(cfg.train, grad_accum_steps=accum // world), device,
                                    options(variant)["grad_dtype"], buckets=model.gradient_buckets(), overlap=True)
+            elif "copy_ranges" in options(variant):  # ZeRO-1 over peer copies (train.shard_transport: peer_copies)
+                model, opt = compiled, ShardedAdamW(raw, cfg.train, device, transport="peer_copies",
+                                                    ranges=options(variant)["copy_ranges"])
             elif "zero1" in variant.split("+"):  # no DDP: the sharded optimizer reduces, clips, updates and gathers
                 model, opt = compiled, ShardedAdamW(raw, cfg.train, device, options(variant)["grad_dtype"])
             elif "ca" in variant.split("+"):  # DDP built under the mode (it picks its reducer then), then compiled
@@ -229,7 +236,7 @@ def worker(rank: int, world: int, args) -> None:
             scaling = tps / (world * args.sequences * cfg.train.block_size / alone)
             say(f"RESULT micro {micro} x {accum // world} per rank | {world} GPUs {variant}: step {worst * 1e3:.1f} ms | "
                 f"{tps:,.0f} tokens/s | scaling vs slowest GPU alone {scaling:.1%} "
-                f"| warm-up {warm:.0f} s | peak {peak_gb():.1f} GB | "
+                f"| warm-up {warm:.0f} s | peak {peak_gb() + getattr(opt, 'uncounted_bytes', 0) / 1e9:.1f} GB | "
                 f"loss {losses[0]:.4f} -> {losses[-1]:.4f} | ranks' weights agree: {agree}", flush=True)
             if variant in args.profile:
                 profile_step(step, rank, f"{variant}-mb{micro}", args.out)

@@ -20,7 +20,9 @@ PyTorch's cross-entropy and GELU, compiled by Inductor), `fusedhead` (`model.fus
 matmul and cross-entropy over chunks of rows, `kernels.linear_cross_entropy`), `headchunkN` (that with N rows
 per chunk), `mosplitN` / `moauto` (the rows per program of Inductor's mix-order reductions, which fuse
 RMSNorm's backward with its weight's gradient and leave a sum over the programs' partial sums to a
-separate kernel; or those rows autotuned).
+separate kernel; or those rows autotuned), `bf16res` (the residual stream in bf16: the embedding's output
+cast to bf16, so every residual add stays in bf16 as in modded-nanogpt; a change of the mathematics, measured
+to size it).
 Steps are the loop's own `forward_backward`, clipping and fused AdamW on
 the compiled model, with random tokens drawn on the GPU (no data loading: `python -m raypipe.bench`
 measures the whole loop). Compare variants of one process: GPUs and machines differ by
@@ -53,14 +55,15 @@ HEAD_ROWS = M.kernels.HEAD_CHUNK_ROWS
 
 def apply(variant: str) -> tuple:
     """Set the variant's switches (each reset first); return (compile mode, micro-batch, accumulation,
-    model.attention, model.fused_kernels, model.fused_head, whether the step reads its figures back to the host)."""
+    model.attention, model.fused_kernels, model.fused_head, whether the step reads its figures back to the host, whether the
+    residual stream is bf16)."""
     M.fused_linear = FUSED
     M.kernels.HEAD_CHUNK_ROWS = HEAD_ROWS
     inductor_config.coordinate_descent_tuning = inductor_config.aggressive_fusion = inductor_config.combo_kernels = False
     if hasattr(inductor_config.triton, "mix_order_reduction_split_size"):  # torch >= 2.10
         inductor_config.triton.mix_order_reduction_split_size = None
         inductor_config.triton.mix_order_reduction_autotune_split_size = False
-    mode, micro, attention, fused, head, sync = None, 256, "auto", True, False, False
+    mode, micro, attention, fused, head, sync, bf16res = None, 256, "auto", True, False, False, False
     for part in variant.split("+"):
         if part == "unfused":
             M.fused_linear = unfused_linear
@@ -82,6 +85,8 @@ def apply(variant: str) -> tuple:
             inductor_config.triton.mix_order_reduction_autotune_split_size = True
         elif part == "fusedhead":
             head = True
+        elif part == "bf16res":
+            bf16res = True
         elif part.startswith("headchunk"):
             head, M.kernels.HEAD_CHUNK_ROWS = True, int(part[9:])
         elif part == "cudagraphs":
@@ -95,16 +100,18 @@ def apply(variant: str) -> tuple:
         elif part != "base":
             raise SystemExit(f"unknown variant part {part!r}")
     torch._dynamo.reset()
-    return mode, micro, 1024 // micro, attention, fused, head, sync
+    return mode, micro, 1024 // micro, attention, fused, head, sync, bf16res
 
 
 def run(variant: str, cfg, profile: bool, rows: int = 30) -> None:
-    mode, micro, accum, attention, fused, head, sync = apply(variant)
+    mode, micro, accum, attention, fused, head, sync, bf16res = apply(variant)
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention=attention, fused_kernels=fused,
                                                              fused_head=head))
     device = torch.device("cuda")
     torch.manual_seed(0)
     raw = M.GemmaLM(cfg.model).to(device)
+    if bf16res:
+        raw.embed_tokens.register_forward_hook(lambda module, args, out: out.to(torch.bfloat16))
     optimizer = configure_optimizer(raw, cfg.train, "cuda")
     graphs = mode == "reduce-overhead"
     # CUDA graphs as the loop replays them (train.cuda_graphs): a graph step per micro-batch, the loss

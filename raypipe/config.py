@@ -121,6 +121,11 @@ class TrainConfig:
     # of the blocks before it, and its weights all-gathered during the next forward (on two GPUs it lost
     # 2.8 points of scaling: BENCHMARKS.md)
     overlap_comm: bool = False
+    # with shard_optimizer: how the reduce-scatter and all-gather travel. collectives: the process group's (NCCL
+    # kernels on the GPUs, gloo on CPU). peer_copies: copies pulled from the peers' GPU memory on the copy engines,
+    # beside the gradient sums and the update (one host's GPUs with peer access; float32, no overlap_comm;
+    # raypipe/peer_copies.py). auto: peer_copies where every worker can use them, else collectives
+    shard_transport: str = "auto"
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
     # a resume may run on another ray.num_workers than the checkpoint's (same tokens per step): each worker
     # then draws a new batch stream, so the run no longer repeats an uninterrupted one batch for batch

@@ -30,6 +30,7 @@ from .data import read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at, step_unless
+from .peer_copies import shard_transport
 from .provenance import code_version
 from .sharded_adamw import ShardedAdamW
 from .step_results import StepResults
@@ -283,7 +284,9 @@ def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, 
         "wandb_mode": tracker.mode, "wandb_run_id": tracker.run_id, "history": history, "code": state.code,
         # this session's steps, for benchmarks: wall time of each, host time waiting for batches
         "step_times_s": clock.step_times, "data_wait_s": clock.data_waits,
-        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
+        # torch's allocator does not count symmetric memory (ZeRO-1's buffers under peer copies): added here
+        "peak_gpu_memory_gb": (torch.cuda.max_memory_allocated(device) + getattr(parts.optimizer, "uncounted_bytes", 0)) / 1e9
+        if device.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),  # under Ray: OMP_NUM_THREADS, the worker's ray.cpus_per_worker
     }
 
@@ -308,7 +311,8 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     dtype = autocast_dtype(t.dtype, device)
     sharded = env.world_size > 1 and t.shard_optimizer  # ZeRO-1 (the parameters become views into its buffer)
     optimizer = (ShardedAdamW(raw_model, t, device, t.ddp_grad_dtype, overlap=t.overlap_comm,
-                              buckets=raw_model.gradient_buckets() if t.overlap_comm else None) if sharded
+                              buckets=raw_model.gradient_buckets() if t.overlap_comm else None,
+                              transport=shard_transport(t, device, log)) if sharded
                  else configure_optimizer(raw_model, t, device.type))
     parts = Parts(model=raw_model, raw_model=raw_model, optimizer=optimizer,
                   scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),

@@ -42,13 +42,16 @@ def step_unless(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, 
     """Update unless `skip` (a bool scalar on the step's device). A fused AdamW decides on the device:
     given `found_inf` it leaves weights, moments and step counts alone, so the host does not wait for
     the GPU. Other optimizers, and float16's GradScaler (which skips overflowing steps itself and
-    lowers its scale), decide on the host. A ZeRO-1 optimizer passes the flag to its inner AdamW."""
-    fused = getattr(optimizer, "inner", optimizer)  # ShardedAdamW: the AdamW over this rank's shard
-    if fused.defaults.get("fused") and not scaler.is_enabled():
-        fused.found_inf = skip.float()
+    lowers its scale), decide on the host. A ZeRO-1 optimizer passes the flag to its inner AdamWs."""
+    fused = getattr(optimizer, "inners", [optimizer])  # ShardedAdamW: the AdamWs over this rank's shard
+    if fused[0].defaults.get("fused") and not scaler.is_enabled():
+        flag = skip.float()
+        for inner in fused:
+            inner.found_inf = flag
         try:
             optimizer.step()
         finally:
-            del fused.found_inf
+            for inner in fused:
+                del inner.found_inf
     elif not skip.item():
         scaler.step(optimizer)

@@ -20,6 +20,10 @@ micro-batch's backward has finished them, while the backward of earlier blocks g
 the update each bucket's all-gather runs in the background until the first forward that uses it
 (its modules' forward pre-hooks wait for it). That needs the blocks compiled one by one
 (`compiled.compile_blocks`): a whole-model graph finishes every gradient at once, at its end.
+
+With `transport="peer_copies"` (one bucket, the GPUs of one host) the reduce and the gather are copies
+pulled from the peers' buffers on the copy engines instead of NCCL kernels (raypipe/peer_copies.py),
+pipelined over ranges of the rank's chunk with the sums and with the update (one fused AdamW per range).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import torch.distributed as dist
 
 from .config import TrainConfig
 from .optim import adamw, configure_optimizer
+from .peer_copies import RANGES, PeerCopies
+
+TRANSPORTS = ("collectives", "peer_copies")
 
 # torch 2.13 renamed the two collectives (and warns on the old names); torch 2.11 has only the old ones.
 reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -55,6 +62,12 @@ def bucket_layout(members: list[list[torch.nn.Parameter]], world: int) -> tuple[
     return buckets, offset_of
 
 
+def split_range(n: int, count: int) -> list[tuple[int, int]]:
+    """[0, n) cut into at most `count` ranges, each but the last a multiple of ALIGN elements long."""
+    step = -(-n // (count * ALIGN)) * ALIGN
+    return [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+
 class ShardedAdamW:
     """AdamW sharded over the default process group's ranks (ZeRO stage 1).
 
@@ -64,10 +77,18 @@ class ShardedAdamW:
 
     `buckets`: lists of modules, in the order the backward finishes their gradients (a parameter
     listed twice, as a tied head, belongs to the later bucket); None: the whole model is one bucket.
+    `transport`: "collectives" (the process group's reduce-scatter and all-gather) or "peer_copies".
+    `ranges`: each chunk is updated in this many ranges, one fused AdamW each (None: RANGES with peer
+    copies, which pipeline them with the gather; else 1).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, grad_dtype: str = "float32",
-                 buckets: Optional[list[list[torch.nn.Module]]] = None, overlap: bool = False):
+                 buckets: Optional[list[list[torch.nn.Module]]] = None, overlap: bool = False,
+                 transport: str = "collectives", ranges: Optional[int] = None):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport {transport!r}: expected one of {', '.join(TRANSPORTS)}")
+        if transport == "peer_copies" and (buckets or overlap or grad_dtype != "float32"):
+            raise ValueError("peer copies reduce float32 gradients of one bucket, without overlap")
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.grad_dtype = getattr(torch, grad_dtype)
         # The full optimizer, stateless until it steps (it never does): the checkpoint format's groups and order.
@@ -88,31 +109,46 @@ class ShardedAdamW:
 
         self.buckets, offset_of = bucket_layout(members, self.world)  # (start, size) of each; each parameter's offset
         self.offsets = [offset_of[id(p)] for p in self.params]
-        self.flat_param = torch.zeros(sum(size for _, size in self.buckets), dtype=torch.float32, device=device)
-        self.flat_grad = torch.zeros_like(self.flat_param)
+        total = sum(size for _, size in self.buckets)
+        count = ranges or (RANGES if transport == "peer_copies" else 1)
+        ranges_of = [split_range(size // self.world, count) for _, size in self.buckets]  # in each bucket's chunk
+        self.copies = PeerCopies(total, device, ranges_of[0]) if transport == "peer_copies" else None
+        self.uncounted_bytes = 0  # GPU memory torch's allocator statistics leave out
+        if self.copies:
+            self.flat_param, self.flat_grad = self.copies.flat_param, self.copies.flat_grad
+            self.uncounted_bytes = 2 * self.flat_param.numel() * self.flat_param.element_size()  # symmetric memory
+        else:
+            self.flat_param = torch.zeros(total, dtype=torch.float32, device=device)
+            self.flat_grad = torch.zeros_like(self.flat_param)
         for p, offset in zip(self.params, self.offsets):
             n = p.numel()
             self.flat_param[offset:offset + n].copy_(p.detach().reshape(-1))
             p.data = self.flat_param[offset:offset + n].view_as(p)
             p.grad = self.flat_grad[offset:offset + n].view_as(p)  # backward accumulates into it in place
         dist.broadcast(self.flat_param, src=0)  # every rank starts from rank 0's weights, as DDP does
+        if self.copies:
+            self.copies.connect()
 
-        # This rank's chunk of each bucket, cut where configure_optimizer's groups meet.
+        # This rank's chunk of each bucket, cut where configure_optimizer's groups meet and into the ranges,
+        # range r of every chunk updated by inners[r].
         group_of = {id(p): g for g, group in enumerate(self.layout.param_groups) for p in group["params"]}
-        self.pieces: list[tuple[int, int, torch.Tensor]] = []  # (group index, start in the flat buffer, piece)
-        for (start, size), params in zip(self.buckets, members):
-            lo, hi = start + self.rank * (size // self.world), start + (self.rank + 1) * (size // self.world)
-            for g in range(len(self.layout.param_groups)):
-                mine = [(offset_of[id(p)], p.numel()) for p in params if group_of[id(p)] == g]
-                if mine:
-                    a, b = max(lo, mine[0][0]), min(hi, mine[-1][0] + mine[-1][1])
-                    if a < b:
-                        piece = self.flat_param[a:b]
-                        piece.grad = self.flat_grad[a:b]
-                        self.pieces.append((g, a, piece))
-        groups = [{"params": [piece for g, _, piece in self.pieces if g == index], "weight_decay": group["weight_decay"]}
-                  for index, group in enumerate(self.layout.param_groups)]
-        self.inner = adamw(groups, cfg, device.type)
+        self.pieces: list[tuple[int, int, torch.Tensor, int]] = []  # (group index, start in the buffer, piece, range)
+        for (start, size), params, chunk_ranges in zip(self.buckets, members, ranges_of):
+            chunk = start + self.rank * (size // self.world)
+            for r, (range_lo, range_hi) in enumerate(chunk_ranges):
+                lo, hi = chunk + range_lo, chunk + range_hi
+                for g in range(len(self.layout.param_groups)):
+                    mine = [(offset_of[id(p)], p.numel()) for p in params if group_of[id(p)] == g]
+                    if mine:
+                        a, b = max(lo, mine[0][0]), min(hi, mine[-1][0] + mine[-1][1])
+                        if a < b:
+                            piece = self.flat_param[a:b]
+                            piece.grad = self.flat_grad[a:b]
+                            self.pieces.append((g, a, piece, r))
+        self.inners = [adamw([{"params": [piece for g, _, piece, r in self.pieces if (g, r) == (index, range_index)],
+                               "weight_decay": group["weight_decay"]} for index, group in enumerate(self.layout.param_groups)],
+                             cfg, device.type)
+                       for range_index in range(max(map(len, ranges_of)))]
         self.has_state = False  # after the first update (the same on every rank: a skipped step is skipped by all)
 
         self.overlap = overlap
@@ -131,7 +167,7 @@ class ShardedAdamW:
 
     @property
     def param_groups(self) -> list[dict]:
-        return self.inner.param_groups
+        return [group for inner in self.inners for group in inner.param_groups]
 
     def mine(self, bucket_tensor: torch.Tensor) -> torch.Tensor:
         """This rank's chunk of one bucket's tensor."""
@@ -176,6 +212,8 @@ class ShardedAdamW:
     def reduce_and_clip(self, max_norm: float) -> torch.Tensor:
         """Reduce the accumulated gradients to this rank's chunks (their mean over ranks), clip them with
         the global norm as torch.nn.utils.clip_grad_norm_ does, and return that norm before clipping."""
+        if self.copies:
+            return self._clip([self.copies.reduce()], max_norm, 1.0 / self.world)
         if self.overlap and self.arrived != self.expected:
             raise RuntimeError(f"gradient hooks per bucket {self.arrived}, expected {self.expected}: the step must run "
                                "train.grad_accum_steps backward passes, each reaching every parameter")
@@ -188,7 +226,10 @@ class ShardedAdamW:
                 chunks[b].copy_(self.mine(low))
         self.reducing.clear()
         self.arrived = [0] * len(self.buckets)
-        to_mean = 1.0 / self.world if self.grad_dtype == torch.float32 else 1.0
+        return self._clip(chunks, max_norm, 1.0 / self.world if self.grad_dtype == torch.float32 else 1.0)
+
+    def _clip(self, chunks: list[torch.Tensor], max_norm: float, to_mean: float) -> torch.Tensor:
+        """Scale the summed chunks to the mean gradient, clipped by the global norm; return that norm."""
         squares = torch.stack(torch._foreach_norm(chunks)).square().sum()
         dist.all_reduce(squares)
         norm = squares.sqrt() * to_mean  # of the mean gradient
@@ -197,7 +238,14 @@ class ShardedAdamW:
         return norm
 
     def step(self) -> None:
-        self.inner.step()
+        for index, inner in enumerate(self.inners):
+            inner.step()
+            if self.copies:
+                self.copies.gather(index)  # beside the next range's update
+        self.has_state = True
+        if self.copies:
+            self.copies.finish()
+            return
         for b in reversed(range(len(self.buckets))):  # in the order the next forward uses them
             weights = self.bucket(self.flat_param, b)
             work = all_gather(weights, self.mine(weights), async_op=self.overlap)  # in place
@@ -213,22 +261,22 @@ class ShardedAdamW:
         """The whole state as a single worker's torch.optim.AdamW would hold it (gathered from every rank)."""
         self.wait_for_weights()
         out = self.layout.state_dict()  # param_groups with their indices; no state
-        for group, mine in zip(out["param_groups"], self.inner.param_groups):
+        for group, mine in zip(out["param_groups"], self.inners[0].param_groups):  # every range has every group
             group.update({k: v for k, v in mine.items() if k != "params"})
         if not self.has_state:
             return out
         full = {}
         for key in STATE_KEYS:
             local = torch.zeros_like(self.flat_param)  # this rank's chunks filled in, the rest gathered
-            for _, start, piece in self.pieces:
-                local[start:start + piece.numel()] = self.inner.state[piece][key]
+            for _, start, piece, r in self.pieces:
+                local[start:start + piece.numel()] = self.inners[r].state[piece][key]
             for b in range(len(self.buckets)):
                 gathered = self.bucket(local, b)
                 all_gather(gathered, self.mine(gathered))  # in place
             full[key] = local
         if not self.pieces:  # chunks of padding only (tiny models on many ranks): nothing of its own to add
             return out
-        step = self.inner.state[self.pieces[0][2]]["step"]
+        step = self.inners[self.pieces[0][3]].state[self.pieces[0][2]]["step"]
         # Views into the gathered buffers, not copies (the checkpoint's moment needs no second copy of
         # AdamW's state on the GPU); torch.save writes each buffer once.
         out["state"] = {
@@ -239,9 +287,10 @@ class ShardedAdamW:
     def load_state_dict(self, state: dict) -> None:
         """Take this rank's chunks of a whole AdamW state (as `state_dict` returns it)."""
         self.wait_for_weights()
-        groups = [{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in state["param_groups"]]
-        for j, (index, _, _) in enumerate(self.pieces):
-            groups[index]["params"].append(j)
+        groups = [[{**{k: v for k, v in group.items() if k != "params"}, "params": []} for group in state["param_groups"]]
+                  for _ in self.inners]
+        for j, (index, _, _, r) in enumerate(self.pieces):
+            groups[r][index]["params"].append(j)
         inner_state = {}
         if state["state"]:
             saved = state["state"]
@@ -249,8 +298,10 @@ class ShardedAdamW:
             for i, (p, offset) in enumerate(zip(self.params, self.offsets)):
                 for key in STATE_KEYS:
                     flat[key][offset:offset + p.numel()] = saved[i][key].reshape(-1)
-            for j, (_, start, piece) in enumerate(self.pieces):
+            for j, (_, start, piece, _) in enumerate(self.pieces):
                 inner_state[j] = {"step": saved[0]["step"].clone(),  # its own: AdamW adds to it in place
                                   **{key: flat[key][start:start + piece.numel()].clone() for key in STATE_KEYS}}
             self.has_state = True
-        self.inner.load_state_dict({"state": inner_state, "param_groups": groups})
+        for r, inner in enumerate(self.inners):
+            inner.load_state_dict({"state": {j: inner_state[j] for j in inner_state if self.pieces[j][3] == r},
+                                   "param_groups": groups[r]})

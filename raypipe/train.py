@@ -149,10 +149,15 @@ def parallel_note(t, workers: int) -> str:
         return ""
     graphs = ", CUDA graphs" if t.cuda_graphs else ""
     if t.shard_optimizer:
-        overlap = (", per block during the backward; weights all-gathered during the next forward"
-                   if t.overlap_comm else "")
-        return (f"data parallel: ZeRO-1 ({t.ddp_grad_dtype} reduce-scatter{overlap}; each worker updates and keeps "
-                f"AdamW's state for 1/{workers} of the weights{graphs})\n")
+        if t.overlap_comm:
+            comm = (f"{t.ddp_grad_dtype} reduce-scatter, per block during the backward; weights all-gathered during "
+                    "the next forward")
+        else:
+            copies = {"auto": ", copies between GPUs where they can", "peer_copies": ", copies between GPUs"}
+            comm = (f"{t.ddp_grad_dtype} reduce-scatter and all-gather"
+                    f"{copies.get(t.shard_transport, '') if t.ddp_grad_dtype == 'float32' else ''}")
+        return (f"data parallel: ZeRO-1 ({comm}; each worker updates and keeps AdamW's state for 1/{workers} of the "
+                f"weights{graphs})\n")
     graph = ("the compiled graph cut at its buckets" if t.ddp_split_graph else "one compiled graph") if t.compile else "eager"
     return f"data parallel: DDP ({t.ddp_grad_dtype} all-reduce of the whole gradient, {graph})\n"
 

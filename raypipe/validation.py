@@ -36,6 +36,7 @@ def schema(cls: type, prefix: str = "") -> tuple[tuple[str, Any], ...]:
 AUTOCAST_DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto", "sdpa", "matmul")  # model.attention (raypipe/model.py)
 DDP_GRAD_DTYPES = ("float32", "bfloat16")  # the gradient all-reduce under several workers (raypipe/parallel.py)
+SHARD_TRANSPORTS = ("auto", "collectives", "peer_copies")  # ZeRO-1's reduce and gather (raypipe/sharded_adamw.py)
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 DATA_SOURCES = ("embedded", "prepared")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -163,6 +164,13 @@ def validate(cfg, origin: str = "config") -> None:
              "it needs train.shard_optimizer: true")
     if t.overlap_comm and t.cuda_graphs:  # a graph replays the whole model: no gradient is final before its end
         fail("train.overlap_comm", t.overlap_comm, "does not run with train.cuda_graphs: true; turn one of them off")
+    if t.shard_transport not in SHARD_TRANSPORTS:
+        fail("train.shard_transport", t.shard_transport, f"expected one of {', '.join(SHARD_TRANSPORTS)}")
+    if t.shard_transport == "peer_copies" and not (t.shard_optimizer and r.use_gpu and not t.overlap_comm
+                                                   and t.ddp_grad_dtype == "float32"):
+        fail("train.shard_transport", t.shard_transport, "copies ZeRO-1's float32 gradients and weights between GPUs: "
+             "it needs train.shard_optimizer: true, ray.use_gpu: true, train.overlap_comm: false and "
+             "train.ddp_grad_dtype: float32")
     if t.dtype == "float16" and t.shard_optimizer:  # each rank's scaler would see only its slice's overflows
         fail("train.dtype", t.dtype, "float16's loss scaling does not run with train.shard_optimizer: true; "
              "use bfloat16, or train.shard_optimizer: false")

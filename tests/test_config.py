@@ -38,9 +38,12 @@ def test_recipe_keeps_its_effective_batch_on_any_worker_count(workers, micro, ac
     out = capsys.readouterr().out
     assert (f"tokens per optimizer step: 131,072 = {micro} seqs x 128 tokens x {accum} accumulation x "
             f"{workers} worker(s)") in out
-    assert ((f"data parallel: ZeRO-1 (float32 reduce-scatter; each worker updates and keeps AdamW's state for "
-             f"1/{workers} of the weights)") in out) == (workers > 1)
+    assert ((f"data parallel: ZeRO-1 (float32 reduce-scatter and all-gather, copies between GPUs where they can; "
+             f"each worker updates and keeps AdamW's state for 1/{workers} of the weights)") in out) == (workers > 1)
     if workers == 2:
+        assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", "ray.num_workers=2",
+                     "--set", "train.shard_transport=collectives", "--dry-run"]) == 0
+        assert "data parallel: ZeRO-1 (float32 reduce-scatter and all-gather; each worker" in capsys.readouterr().out
         assert main(["--config", str(ROOT / "configs" / "gemma3-270m.yaml"), "--set", "ray.num_workers=2",
                      "--set", "train.overlap_comm=true", "--dry-run"]) == 0
         assert ("data parallel: ZeRO-1 (float32 reduce-scatter, per block during the backward; weights all-gathered "

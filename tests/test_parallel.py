@@ -31,10 +31,10 @@ def tiny() -> Config:
 
 
 def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, sharded: bool, out: str,
-                  overlap: bool = False, tied: bool = False, cuda: bool = False) -> None:
+                  overlap: bool = False, tied: bool = False, cuda: bool = False, ranges=None) -> None:
     """STEPS optimizer steps of MICRO_BATCHES micro-batches in all; rank r takes every world-th one.
     Rank 0 writes the losses to `out` and the optimizer's state_dict beside it. `cuda`: NCCL, bf16
-    autocast and the model compiled as the loop compiles it."""
+    autocast and the model compiled as the loop compiles it. `ranges`: ZeRO-1's update ranges."""
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}", rank=rank,
@@ -47,7 +47,7 @@ def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, sharde
         raw = GemmaLM(cfg.model)
     if sharded:
         optimizer = ShardedAdamW(raw, cfg.train, device, grad_dtype, overlap=overlap,
-                                 buckets=raw.gradient_buckets() if overlap else None)
+                                 buckets=raw.gradient_buckets() if overlap else None, ranges=ranges)
         model = raw
     else:
         optimizer = configure_optimizer(raw, cfg.train, device.type)
@@ -89,11 +89,11 @@ def losses_of_run(rank: int, world: int, init_file: str, grad_dtype: str, sharde
 
 
 def curve(tmp_path, world: int, grad_dtype: str = "float32", sharded: bool = False, overlap: bool = False,
-          tied: bool = False, cuda: bool = False) -> list[float]:
+          tied: bool = False, cuda: bool = False, ranges=None) -> list[float]:
     name = (f"{world}-{grad_dtype}-{'sharded' if sharded else 'ddp'}{'-overlap' if overlap else ''}{'-tied' if tied else ''}"
-            f"{'-cuda' if cuda else ''}")
+            f"{'-cuda' if cuda else ''}{f'-ranges{ranges}' if ranges else ''}")
     out, init = tmp_path / f"losses-{name}.json", tmp_path / f"init-{name}"
-    args = (str(init), grad_dtype, sharded, str(out), overlap, tied, cuda)
+    args = (str(init), grad_dtype, sharded, str(out), overlap, tied, cuda, ranges)
     if world == 1:
         losses_of_run(0, 1, *args)
     else:
@@ -132,6 +132,61 @@ def test_zero1_follows_one_worker_and_gathers_a_single_workers_optimizer_state(t
     plain = configure_optimizer(GemmaLM(tiny().model), tiny().train, "cpu")
     plain.load_state_dict(gathered)
     assert torch.equal(plain.state_dict()["state"][0]["exp_avg"], gathered["state"][0]["exp_avg"])
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero1_updated_in_ranges_takes_the_same_steps(tmp_path, tied):
+    """One AdamW per range of each rank's chunk (as peer copies pipeline the update): the same element-wise
+    update, so the same losses and the same gathered state, bit for bit."""
+    whole = curve(tmp_path, 2, sharded=True, tied=tied)
+    in_ranges = curve(tmp_path, 2, sharded=True, tied=tied, ranges=3)
+    assert whole[-1] < whole[0] - 0.1 and in_ranges == whole
+    suffix = "-tied" if tied else ""
+    reference = torch.load(tmp_path / f"losses-2-float32-sharded{suffix}.json.optimizer.pt")
+    gathered = torch.load(tmp_path / f"losses-2-float32-sharded{suffix}-ranges3.json.optimizer.pt")
+    assert gathered["param_groups"] == reference["param_groups"] and gathered["state"].keys() == reference["state"].keys()
+    for i, entry in reference["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, gathered["state"][i][key]), (i, key)
+
+
+def peer_copies_against_collectives(rank: int, world: int, init_file: str) -> None:
+    """The same random gradients on each rank through ZeRO-1 over NCCL and over peer copies, three steps."""
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", init_method=f"file://{init_file}", rank=rank, world_size=world, device_id=device)
+    cfg = tiny()
+    results = []
+    for transport in ("collectives", "peer_copies"):
+        torch.manual_seed(0)
+        with device:
+            model = GemmaLM(cfg.model)
+        optimizer = ShardedAdamW(model, cfg.train, device, transport=transport)
+        assert len(optimizer.inners) == (4 if transport == "peer_copies" else 1)
+        norms = []
+        for step in range(3):
+            gen = torch.Generator(device=device).manual_seed(100 * step + rank)  # each rank its own gradients
+            for p in model.parameters():
+                p.grad.copy_(torch.randn(p.shape, generator=gen, device=device))
+            norms.append(clip_gradients(model, optimizer, torch.amp.GradScaler("cuda", enabled=False), 0.5))
+            optimizer.step()
+            optimizer.zero_grad()
+        results.append((torch.stack(norms), optimizer.flat_param.clone(), optimizer.state_dict()))
+    (norms, weights, state), (copied_norms, copied_weights, copied_state) = results
+    assert torch.equal(norms, copied_norms) and norms.min() > 0.5  # clipped at every step
+    assert torch.equal(weights, copied_weights), (weights - copied_weights).abs().max()
+    for i, entry in state["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, copied_state["state"][i][key]), (i, key)
+    dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_peer_copies_on_two_gpus_take_the_collectives_steps(tmp_path):
+    """train.shard_transport: peer_copies against NCCL's reduce-scatter and all-gather: on two ranks the same
+    sums, so the same norms, weights and AdamW state, bit for bit."""
+    mp.spawn(peer_copies_against_collectives, args=(2, str(tmp_path / "init")), nprocs=2, join=True)
 
 
 def assert_same_adamw_state(reference: dict, gathered: dict) -> None:
@@ -197,11 +252,11 @@ def test_reduces_start_in_bucket_order_whatever_order_the_buckets_finish(tmp_pat
         dist.destroy_process_group()
 
 
-def sharded_round_trip(rank: int, world: int, init_file: str, state_file: str) -> None:
+def sharded_round_trip(rank: int, world: int, init_file: str, state_file: str, ranges) -> None:
     """Each rank loads its slice of a whole state; gathered again, it must be the same state."""
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = tiny()
-    optimizer = ShardedAdamW(GemmaLM(cfg.model), cfg.train, torch.device("cpu"))
+    optimizer = ShardedAdamW(GemmaLM(cfg.model), cfg.train, torch.device("cpu"), ranges=ranges)
     saved = torch.load(state_file)
     optimizer.load_state_dict(saved)
     again = optimizer.state_dict()
@@ -214,8 +269,10 @@ def sharded_round_trip(rank: int, world: int, init_file: str, state_file: str) -
     dist.destroy_process_group()
 
 
-def test_zero1_loads_a_whole_state_on_three_ranks_and_gives_it_back(tmp_path):
-    # Three ranks: slices that start and end inside parameters and inside both weight-decay groups.
+@pytest.mark.parametrize("ranges", [None, 4])
+def test_zero1_loads_a_whole_state_on_three_ranks_and_gives_it_back(tmp_path, ranges):
+    # Three ranks: slices that start and end inside parameters and inside both weight-decay groups; in
+    # four update ranges, pieces cut again inside them.
     cfg = tiny()
     torch.manual_seed(0)
     model = GemmaLM(cfg.model)
@@ -224,7 +281,7 @@ def test_zero1_loads_a_whole_state_on_three_ranks_and_gives_it_back(tmp_path):
     plain.step()
     plain.param_groups[0]["lr"] = 0.123  # a group's hyperparameters travel too
     torch.save(plain.state_dict(), tmp_path / "state.pt")
-    mp.spawn(sharded_round_trip, args=(3, str(tmp_path / "init"), str(tmp_path / "state.pt")), nprocs=3, join=True)
+    mp.spawn(sharded_round_trip, args=(3, str(tmp_path / "init"), str(tmp_path / "state.pt"), ranges), nprocs=3, join=True)
 
 
 def test_bad_ddp_keys_are_refused_with_the_key_and_what_is_expected():
@@ -236,6 +293,15 @@ def test_bad_ddp_keys_are_refused_with_the_key_and_what_is_expected():
         load_config(None, ["train.dtype=float16", "ray.use_gpu=true", "train.shard_optimizer=true"])
     with pytest.raises(ConfigError, match=r"train.overlap_comm.*needs train.shard_optimizer: true"):
         load_config(None, ["train.overlap_comm=true"])
+    with pytest.raises(ConfigError, match=r"train.shard_transport.*'nvlink'.*expected one of auto, collectives, peer_copies"):
+        load_config(None, ["train.shard_transport=nvlink"])
+    gpu_zero1 = ["train.shard_optimizer=true", "ray.use_gpu=true"]
+    load_config(None, [*gpu_zero1, "train.shard_transport=peer_copies"])
+    for wrong in (["train.shard_optimizer=false"], ["ray.use_gpu=false"], ["train.ddp_grad_dtype=bfloat16"],
+                  ["train.overlap_comm=true"]):
+        with pytest.raises(ConfigError, match=r"train.shard_transport.*'peer_copies'.*needs train.shard_optimizer: true, "
+                                              r"ray.use_gpu: true, train.overlap_comm: false and train.ddp_grad_dtype"):
+            load_config(None, [*gpu_zero1, "train.shard_transport=peer_copies", *wrong])
     with pytest.raises(ConfigError, match=r"train.overlap_comm.*does not run with train.cuda_graphs: true"):
         load_config(None, ["train.overlap_comm=true", "train.shard_optimizer=true", "train.cuda_graphs=true",
                            "train.compile=true", "ray.use_gpu=true"])
