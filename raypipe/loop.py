@@ -302,6 +302,10 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         cfg.model.vocab_size = meta["vocab_size"]
     master = env.rank == 0
     log = env.log if master else (lambda line: None)
+    # The peak the MFU figures divide by, measured while this GPU is idle, before the model exists: once steps
+    # have heated it, the same measurement runs at lower clocks, and the live MFU read about 8% above what
+    # `raypipe.bench` (which measures before Ray starts) reported for the same run.
+    peak_flops = measure_peak_flops(device) if master else None
 
     # Model: same initial weights on every rank (DDP and ZeRO-1 also broadcast rank 0's), drawn where it
     # trains: on a GPU that is milliseconds, against 1.7 s for the recipe's 165M weights on a CPU.
@@ -364,7 +368,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 
     watch = CompileWatch(log)
     clock = StepClock(next_train_batch, watch, tokens_per_step, flops_per_token(cfg.model, raw_model.num_params(), t.block_size),
-                      peak=(lambda: measure_peak_flops(device)) if master else (lambda: None), devices=env.world_size)
+                      peak=lambda: peak_flops, devices=env.world_size)
     results, startup_s = StepResults(state, t.max_nonfinite_steps, log), time.time() - launch
     phases = {name: at - launch for name, at in env.startup_marks.items()} if env.launch_time else {}  # where it went
     log(f"[raypipe] first step {startup_s:.1f} s after launch"
