@@ -30,24 +30,31 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     """Why this run's ranks cannot use peer copies, or None when they can. A collective: every rank gets the
     same answer."""
     index = (device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else None
-    here = (socket.gethostname(), index)
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, here)
-    if device.type != "cuda":
-        return "the workers are not on GPUs"
-    if len({host for host, _ in everyone}) > 1:
+    dist.all_gather_object(everyone, (socket.gethostname(), index, _local_reason(device)))
+    reasons = [reason for _, _, reason in everyone if reason]
+    if reasons:
+        return reasons[0]
+    if len({host for host, _, _ in everyone}) > 1:
         return "the workers are on more than one host"
-    try:
-        from torch.distributed import _symmetric_memory  # noqa: F401
-    except ImportError as e:
-        return f"this torch has no symmetric memory ({e})"
-    indices = [index for _, index in everyone]
+    indices = [index for _, index, _ in everyone]
     if len(set(indices)) < len(indices) or max(indices) >= torch.cuda.device_count():
         return "each worker does not see every worker's GPU (CUDA_VISIBLE_DEVICES)"
     for a in indices:
         for b in indices:
             if a != b and not torch.cuda.can_device_access_peer(a, b):
                 return f"GPU {a} cannot access GPU {b}'s memory (no peer access)"
+    return None
+
+
+def _local_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return "the workers are not on GPUs"
+    try:  # a small allocation: drivers or containers without what symmetric memory needs fail here, on every rank
+        from torch.distributed import _symmetric_memory as symm_mem
+        symm_mem.empty(1024, dtype=torch.float32, device=device)
+    except Exception as e:  # whatever it is, NCCL still works: the reason is logged and auto takes NCCL
+        return f"symmetric memory does not work here ({type(e).__name__}: {e})"
     return None
 
 

@@ -3,6 +3,7 @@ a test that takes `ray_cluster` is marked `ray`, a test in tests/test_cluster_*.
 also `slow`, so `python -m pytest -m "not slow"` is the fast loop. Plain helpers live in helpers.py."""
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,29 @@ def ray_cluster():
                        runtime_env={"env_vars": {"WANDB_SILENT": "true"}})
     yield context  # .dashboard_url: the state API of this cluster, even with another Ray on the machine
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def placement_groups_released(request):
+    """After a test on the session Ray: every run's placement group gone. A Ray Train controller that outlived
+    its run once kept its worker group's group, one of the 2 CPUs, and a later test's workers waited for it
+    without end. Its groups get 30 s to go, then are removed with a warning that names the test."""
+    yield
+    if "ray_cluster" not in request.fixturenames:
+        return
+    import time
+
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    deadline = time.monotonic() + 30
+    while True:
+        held = {pg_id: info for pg_id, info in ray.util.placement_group_table().items() if info["state"] != "REMOVED"}
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    for pg_id in held:
+        ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    if held:
+        warnings.warn(f"{request.node.nodeid}: placement groups still held 30 s after the test, removed: "
+                      f"{[info['bundles'] for info in held.values()]}")
