@@ -134,17 +134,18 @@ class ShardedAdamW:
         group_of = {id(p): g for g, group in enumerate(self.layout.param_groups) for p in group["params"]}
         self.pieces: list[tuple[int, int, torch.Tensor, int]] = []  # (group index, start in the buffer, piece, range)
         for (start, size), params, chunk_ranges in zip(self.buckets, members, ranges_of):
+            extents = {}  # group index -> (first, end) of its parameters in this bucket: one span each
+            for p in params:  # group by group, in buffer order
+                g, offset = group_of[id(p)], offset_of[id(p)]
+                extents[g] = (extents.get(g, (offset,))[0], offset + p.numel())
             chunk = start + self.rank * (size // self.world)
             for r, (range_lo, range_hi) in enumerate(chunk_ranges):
-                lo, hi = chunk + range_lo, chunk + range_hi
-                for g in range(len(self.layout.param_groups)):
-                    mine = [(offset_of[id(p)], p.numel()) for p in params if group_of[id(p)] == g]
-                    if mine:
-                        a, b = max(lo, mine[0][0]), min(hi, mine[-1][0] + mine[-1][1])
-                        if a < b:
-                            piece = self.flat_param[a:b]
-                            piece.grad = self.flat_grad[a:b]
-                            self.pieces.append((g, a, piece, r))
+                for g, (first, end) in sorted(extents.items()):
+                    a, b = max(chunk + range_lo, first), min(chunk + range_hi, end)
+                    if a < b:
+                        piece = self.flat_param[a:b]
+                        piece.grad = self.flat_grad[a:b]
+                        self.pieces.append((g, a, piece, r))
         self.inners = [adamw([{"params": [piece for g, _, piece, r in self.pieces if (g, r) == (index, range_index)],
                                "weight_decay": group["weight_decay"]} for index, group in enumerate(self.layout.param_groups)],
                              cfg, device.type)
@@ -242,15 +243,14 @@ class ShardedAdamW:
             inner.step()
             if self.copies:
                 self.copies.gather(index)  # beside the next range's update
-        self.has_state = True
         if self.copies:
             self.copies.finish()
-            return
-        for b in reversed(range(len(self.buckets))):  # in the order the next forward uses them
-            weights = self.bucket(self.flat_param, b)
-            work = all_gather(weights, self.mine(weights), async_op=self.overlap)  # in place
-            if self.overlap:
-                self.gathering[b] = work
+        else:
+            for b in reversed(range(len(self.buckets))):  # in the order the next forward uses them
+                weights = self.bucket(self.flat_param, b)
+                work = all_gather(weights, self.mine(weights), async_op=self.overlap)  # in place
+                if self.overlap:
+                    self.gathering[b] = work
         self.has_state = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
