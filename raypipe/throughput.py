@@ -20,7 +20,7 @@ import torch
 
 def measure_peak_flops(device: torch.device) -> float:
     """Dense matmul FLOP/s of this device, measured once per process: bf16 8192^3 on a GPU, fp32
-    1024^3 on a CPU, the best of 3 short bursts (a process's first matmuls on a CPU run up to 20% slow
+    1024^3 on a CPU, the best of 3 short bursts (a process's first matmuls on a CPU ran up to 19% slow
     while its threads start). Its own random generator: the run's random stream is left as it was."""
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one device, measured once
         device = torch.device("cuda", torch.cuda.current_device())
