@@ -30,6 +30,7 @@ from .data import read_meta
 from .sampling import cut_at, generate
 from .model import GemmaLM, flops_per_token
 from .optim import configure_optimizer, lr_at, step_unless
+from .profiling import StepProfiler
 from .peer_copies import shard_transport
 from .provenance import code_version
 from .sharded_adamw import ShardedAdamW
@@ -373,12 +374,17 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     phases = {name: at - launch for name, at in env.startup_marks.items()} if env.launch_time else {}  # where it went
     log(f"[raypipe] first step {startup_s:.1f} s after launch"
         + (f" ({', '.join(f'{name} at {s:.1f} s' for name, s in phases.items())})" if phases else ""))
+    profiler = StepProfiler(t.profile_from, min(t.profile_steps, last_step - (t.profile_from or 0) + 1), env.out_dir,
+                            env.rank, device, log)
+    if t.profile_from is not None and not first_step <= t.profile_from <= last_step:
+        log(f"[raypipe] train.profile_from {t.profile_from} is outside this session's steps "
+            f"{first_step}-{last_step}: nothing is traced")
     try:
         with watch:
             for step in range(first_step, last_step + 1):
                 eval_step = step % t.eval_interval == 0 or step == last_step
                 report = eval_step or step % t.log_interval == 0
-                with clock.step(device, sync=report):  # a report reads its step at once, other steps a step later
+                with profiler.step(step), clock.step(device, sync=report):  # a report reads its step at once, others later
                     lr, loss, grad_norm, skipped = optimizer_step(parts, next_train_batch, step, t)
                     results.add(step, lr, loss, grad_norm, skipped)
                 settled = results.settle(keep_newest=not report)

@@ -123,7 +123,7 @@ def validate(cfg, origin: str = "config") -> None:
              "must be greater than 0 (attention scale scalar ** -0.5), or null for model.head_dim")
 
     for name in ("block_size", "batch_size", "grad_accum_steps", "max_steps", "eval_interval", "eval_batches",
-                 "log_interval", "max_nonfinite_steps"):
+                 "log_interval", "max_nonfinite_steps", "profile_steps"):
         positive(t, name, "train")
     for name in ("warmup_steps", "weight_decay", "grad_clip", "min_lr", "sample_tokens", "num_samples"):
         positive(t, name, "train", allow_zero=True)
@@ -133,6 +133,9 @@ def validate(cfg, origin: str = "config") -> None:
              "the cosine decay would raise the rate; the peak rate is learning_rate")
     if t.stop_at is not None and not 0 < t.stop_at <= t.max_steps:
         fail("train.stop_at", t.stop_at, f"must be between 1 and train.max_steps ({t.max_steps}), or null")
+    if t.profile_from is not None and not 0 < t.profile_from <= t.max_steps:
+        fail("train.profile_from", t.profile_from, f"must be between 1 and train.max_steps ({t.max_steps}), or null "
+             "(no profile); steps that compile make a poor profile: start after the first few")
     if t.checkpoint_interval is not None and (t.checkpoint_interval <= 0 or t.checkpoint_interval % t.eval_interval):
         fail("train.checkpoint_interval", t.checkpoint_interval,
              f"must be a positive multiple of train.eval_interval ({t.eval_interval}), or null (every evaluation)")

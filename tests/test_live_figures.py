@@ -2,6 +2,7 @@
 compile lines, start-up and compile time in the summary, Ray's per-report lines kept off the console,
 and the compile cache directory the workers get."""
 
+import gzip
 import json
 import re
 import tempfile
@@ -14,6 +15,7 @@ import yaml
 
 from helpers import RAY_ENVIRON, tiny_config
 from raypipe.checkpoint import load_state
+from raypipe.config import ConfigError, load_config
 from raypipe.driver import COMPILE_CACHE_ENV, compile_cache_env, worker_env_vars
 from raypipe.loop import Timed, WorkerEnv, train
 from raypipe.model import GemmaLM, flops_per_token, matmul_flops_per_token
@@ -128,6 +130,37 @@ def test_reporting_leaves_the_loss_curve_bit_identical(embedded_data, tmp_path):
                                        report=lambda m, c, seen=step_losses: c and seen.append(load_state(c)["step_losses"])))
         curves.append((step_losses[-1], [(h["train_loss"], h["val_loss"], h["grad_norm"]) for h in summary["history"]]))
     assert len(curves[0][0]) == 12 and curves[0] == curves[1]  # every step's loss, exactly
+
+
+def test_profile_traces_the_chosen_steps_and_leaves_the_run_alone(embedded_data, tmp_path):
+    curves = []
+    for profile_from in (None, 3):
+        cfg = tiny_run(embedded_data, tmp_path / str(profile_from), max_steps=6, log_interval=3,
+                       profile_from=profile_from, profile_steps=2)
+        cfg.wandb.mode = "disabled"
+        lines = []
+        summary = train(cfg, WorkerEnv(log=lines.append, out_dir=tmp_path / str(profile_from) / "out"))
+        curves.append([(h["train_loss"], h["val_loss"], h["grad_norm"]) for h in summary["history"]])
+    (line,) = [line for line in lines if "profile of steps" in line]
+    assert "profile of steps 3-4: 2 step(s), per step: window" in line and "longest: " in line
+    trace = tmp_path / "3" / "out" / "profile-steps-3-4-rank0.json.gz"
+    assert line.endswith(f"trace {trace}")
+    with gzip.open(trace, "rt") as f:
+        events = json.load(f)["traceEvents"]
+    names = {e.get("name", "") for e in events}
+    assert any("aten::mm" in n or "aten::addmm" in n for n in names)  # the steps' matmuls were recorded
+    assert curves[0] == curves[1]  # tracing changes nothing the run computes
+
+
+def test_profile_window_past_the_session_is_said(embedded_data, tmp_path):
+    cfg = tiny_run(embedded_data, tmp_path, max_steps=4, stop_at=2, profile_from=3)
+    cfg.wandb.mode = "disabled"
+    lines = []
+    train(cfg, WorkerEnv(log=lines.append, out_dir=tmp_path / "out"))
+    assert any("train.profile_from 3 is outside this session's steps 1-2: nothing is traced" in line for line in lines)
+    assert not list((tmp_path / "out").glob("profile-*"))
+    with pytest.raises(ConfigError, match=r"'train.profile_from' = 0: must be between 1 and train.max_steps \(4\)"):
+        load_config(None, ["train.max_steps=4", "train.profile_from=0"])
 
 
 @pytest.mark.slow
