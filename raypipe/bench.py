@@ -80,8 +80,10 @@ def bench_config(args: argparse.Namespace, data_dir: str, storage: str, extra: O
 
 def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, peak: float) -> dict:
     t = cfg.train  # the effective batch is the config's at every worker count
-    times = summary["step_times_s"][warmup:]
-    waits = summary["data_wait_s"][warmup:]
+    traced = {step - 1 for step in summary.get("traced_steps", [])}  # under the profiler (--set train.profile_from=N)
+    kept = [i for i in range(warmup, len(summary["step_times_s"])) if i not in traced]
+    times = [summary["step_times_s"][i] for i in kept]
+    waits = [summary["data_wait_s"][i] for i in kept]
     tokens_per_step = t.tokens_per_step(1)  # N workers split this batch between them
     tokens_per_s = tokens_per_step * len(times) / sum(times)
     flops = flops_per_token(cfg.model, summary["num_params"], t.block_size)

@@ -126,10 +126,10 @@ class TrainConfig:
     # beside the gradient sums and the update (one host's GPUs with peer access; float32, no overlap_comm;
     # raypipe/peer_copies.py). auto: peer_copies where every worker can use them, else collectives
     shard_transport: str = "auto"
-    # trace optimizer steps profile_from .. profile_from + profile_steps - 1 with torch.profiler (a GPU's kernels
-    # and copies; on CPU its operations): one Chrome trace per rank beside the run's W&B files, and a summary line
+    # trace this optimizer step and the next profile_steps - 1 with torch.profiler (a GPU's kernels and copies; on
+    # CPU its operations): one Chrome trace per rank beside the run's W&B files, and a summary line; None: no trace
     profile_from: Optional[int] = None
-    profile_steps: int = 2
+    profile_steps: int = 2  # steps traced from train.profile_from (left out of tokens/s and MFU)
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
     # a resume may run on another ray.num_workers than the checkpoint's (same tokens per step): each worker
     # then draws a new batch stream, so the run no longer repeats an uninterrupted one batch for batch

@@ -275,8 +275,10 @@ def summarize(state: RunState, clock: StepClock, first_step: int, parts: Parts, 
         "tokens": state.step * clock.tokens_per_step,
         # steady state: this session's steps that did not compile (compilation is compile_s)
         "tokens_per_sec": steady.tokens_per_sec, "mfu": steady.mfu,
-        "tokens_per_sec_over": f"this session's optimizer steps that did not compile: {steady.steps} of {len(clock.step_times)}",
+        "tokens_per_sec_over": f"this session's optimizer steps that did not compile (nor were traced): {steady.steps} of "
+                               f"{len(clock.step_times)}",
         "compiled_steps": clock.compiled_steps(first_step), "compile_s": compile_s,
+        "traced_steps": clock.traced_steps(first_step),  # train.profile_from
         "startup_s": startup_s,  # launch to the start of this session's first optimizer step
         "startup_phases_s": phases,  # when each phase the launcher marked was reached, in seconds after launch
         "flops_per_token": clock.flops_per_token, "peak_flops": clock.peak() if steady.mfu is not None else None,
@@ -384,7 +386,8 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
             for step in range(first_step, last_step + 1):
                 eval_step = step % t.eval_interval == 0 or step == last_step
                 report = eval_step or step % t.log_interval == 0
-                with profiler.step(step), clock.step(device, sync=report):  # a report reads its step at once, others later
+                traced = profiler.covers(step)  # timed at once (the trace's export is not the next step's) and left out
+                with profiler.step(step), clock.step(device, sync=report or traced, traced=traced):
                     lr, loss, grad_norm, skipped = optimizer_step(parts, next_train_batch, step, t)
                     results.add(step, lr, loss, grad_norm, skipped)
                 settled = results.settle(keep_newest=not report)

@@ -3,7 +3,7 @@
 On a GPU only the device's activity is recorded (kernels, copies, memsets). Recording every host-side
 operation as well slows the host until it falls behind the GPU, and the trace then shows gaps that an
 unprofiled step does not have (BENCHMARKS.md, "Where the GPU waits in a step"). The traced window starts and
-ends with a synchronize, so its steps' times include draining the queue once: leave them out of speed figures.
+ends with a synchronize, so the throughput figures leave its steps out (`StepClock`'s `traced`).
 Open the file in https://ui.perfetto.dev or chrome://tracing.
 """
 
@@ -70,6 +70,9 @@ class StepProfiler:
         self.first, self.last = first, (first + count - 1) if first is not None else None
         self.path = directory / f"profile-steps-{first}-{self.last}-rank{rank}.json.gz"
         self.device, self.log, self.profiler = device, log, None
+
+    def covers(self, step: int) -> bool:
+        return self.first is not None and self.first <= step <= self.last
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -100,7 +100,7 @@ class CompileWatch:
 
 @dataclass
 class Figures:
-    """Throughput over some optimizer steps of this session, compiling steps left out."""
+    """Throughput over some optimizer steps of this session, compiling (and traced) steps left out."""
 
     steps: int  # steps timed
     compiled: int  # steps left out because they compiled
@@ -108,6 +108,7 @@ class Figures:
     data_wait_s: float  # host time they waited for batches
     tokens_per_sec: Optional[float]
     mfu: Optional[float]  # nanoGPT's count of FLOPs per token against the measured peak
+    traced: int = 0  # steps left out because the profiler traced them (train.profile_from)
 
     def speed(self) -> str:
         """Tokens/s for a console line ("- tok/s" when no step was timed)."""
@@ -136,13 +137,15 @@ class StepClock:
         self.step_times: list[float] = []
         self.data_waits: list[float] = []
         self.compiled: list[bool] = []
+        self.traced: list[bool] = []  # under the profiler, which slows them (train.profile_from)
         self._mark, self._mark_time = 0, self.start  # where the current interval began
         self._unread: list[tuple[int, torch.cuda.Event, torch.cuda.Event]] = []  # GPU steps not yet timed
         self._last_end: Optional[torch.cuda.Event] = None  # the end of the step before, while unread
 
     @contextlib.contextmanager
-    def step(self, device: torch.device, sync: bool = True):
-        """Time the step run inside; `sync`: wait for the GPU to finish it (and read every step's time)."""
+    def step(self, device: torch.device, sync: bool = True, traced: bool = False):
+        """Time the step run inside; `sync`: wait for the GPU to finish it (and read every step's time);
+        `traced`: a profiled step, timed but left out of the figures."""
         cuda = device.type == "cuda"
         begin = self._last_end
         if cuda and begin is None:  # after a sync (or at the start) the GPU's step starts here
@@ -154,6 +157,7 @@ class StepClock:
         self.step_times.append(self.now() - start)  # the host's; on a GPU replaced by the GPU's when read
         self.data_waits.append(self.batches.seconds - waited)
         self.compiled.append(compiled)
+        self.traced.append(traced)
         if cuda:
             self._last_end = _recorded_event(device)
             self._unread.append((len(self.step_times) - 1, begin, self._last_end))
@@ -166,13 +170,14 @@ class StepClock:
             self.watch.settle()
 
     def figures(self, first: int, last: int) -> Figures:
-        """Figures over steps [first, last) of this session, those that compiled left out."""
-        kept = [i for i in range(first, last) if not self.compiled[i]]
+        """Figures over steps [first, last) of this session, those that compiled or were traced left out."""
+        kept = [i for i in range(first, last) if not (self.compiled[i] or self.traced[i])]
         seconds = sum(self.step_times[i] for i in kept)
         tokens_per_sec = len(kept) * self.tokens_per_step / seconds if kept and seconds > 0 else None
         peak = self.peak() if tokens_per_sec else None
         mfu = tokens_per_sec * self.flops_per_token / (self.devices * peak) if peak else None
-        return Figures(steps=len(kept), compiled=last - first - len(kept), seconds=seconds,
+        compiled = sum(self.compiled[first:last])
+        return Figures(steps=len(kept), compiled=compiled, seconds=seconds, traced=last - first - len(kept) - compiled,
                        data_wait_s=sum(self.data_waits[i] for i in kept), tokens_per_sec=tokens_per_sec, mfu=mfu)
 
     def interval(self) -> tuple[Figures, Optional[float]]:
@@ -190,6 +195,9 @@ class StepClock:
     def compiled_steps(self, first_step: int) -> list[int]:
         return [first_step + i for i, c in enumerate(self.compiled) if c]
 
+    def traced_steps(self, first_step: int) -> list[int]:
+        return [first_step + i for i, (c, t) in enumerate(zip(self.compiled, self.traced)) if t and not c]
+
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True)
@@ -202,7 +210,8 @@ def progress_line(step: int, max_steps: int, loss: float, lr: float, figures: Fi
     """nanoGPT's per-interval line: step, loss, tokens/s and MFU over the interval, time left."""
     mfu = f"MFU {figures.mfu:.1%}" if figures.mfu is not None else "MFU -"
     eta = format_duration((last_step - step) * seconds_per_step) if seconds_per_step is not None else "-"
-    left_out = f" | {figures.compiled} compiling step(s) left out" if figures.compiled else ""
+    left_out = (f" | {figures.compiled} compiling step(s) left out" if figures.compiled else "") + \
+        (f" | {figures.traced} traced step(s) left out" if figures.traced else "")
     return (f"[raypipe] step {step:>6}/{max_steps} | loss {loss:.4f} | lr {lr:.2e} | {figures.speed()} | {mfu} | "
             f"ETA {eta}{left_out}")
 

@@ -150,6 +150,12 @@ def test_profile_traces_the_chosen_steps_and_leaves_the_run_alone(embedded_data,
     names = {e.get("name", "") for e in events}
     assert any("aten::mm" in n or "aten::addmm" in n for n in names)  # the steps' matmuls were recorded
     assert curves[0] == curves[1]  # tracing changes nothing the run computes
+    # The traced steps (slowed by the profiler, and by its synchronizes) are timed but left out of the figures.
+    times, tokens_per_step = summary["step_times_s"], 8 * 32 * 2
+    assert summary["traced_steps"] == [3, 4] and "4 of 6" in summary["tokens_per_sec_over"]
+    assert summary["tokens_per_sec"] == pytest.approx(4 * tokens_per_step / (sum(times) - times[2] - times[3]))
+    assert [re.search(r"\| (\d) traced step\(s\) left out", line).group(1) for line in lines
+            if PROGRESS.search(line)] == ["1", "1"]
 
 
 def test_profile_window_past_the_session_is_said(embedded_data, tmp_path):
