@@ -30,6 +30,8 @@ import argparse
 import gc
 import json
 import os
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -108,8 +110,8 @@ def run_bare(cfg: Config) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(cfg.ray.cpus_per_worker)))
     try:
-        with tempfile.TemporaryDirectory(prefix="raypipe-bench-") as out:
-            summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=Path(out), log=print))
+        out = Path(cfg.ray.storage_path) / "bench-bare"  # in the bench's temporary directory, as the Ray runs' are
+        summary = train(cfg, WorkerEnv(device=device, run_name="bench-bare", out_dir=out, log=print))
     finally:
         torch.set_num_threads(threads)
     # Hand the GPU back whole before Ray's workers want it: compiled graphs and cached blocks.
@@ -118,6 +120,20 @@ def run_bare(cfg: Config) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return summary
+
+
+def keep_traces(storage: Path, json_path: Path, label: str, workers: int) -> None:
+    """Move a run's profiler traces (--set train.profile_from=N) out of the bench's temporary directory into
+    `<json>-traces/`, named after the run."""
+    traces = sorted(storage.rglob("profile-steps-*"))
+    if not traces:
+        return
+    keep = json_path.parent / f"{json_path.stem}-traces"
+    keep.mkdir(parents=True, exist_ok=True)
+    run = re.sub(r"[^A-Za-z0-9.=_-]+", "-", f"{label}-{workers}").strip("-").lower()
+    for trace in traces:
+        shutil.move(str(trace), str(keep / f"{run}-{trace.name}"))
+    print(f"traces: {keep}/{run}-*", flush=True)
 
 
 def check_workers(cfg: Config, workers: int) -> None:
@@ -216,6 +232,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         for label, workers in runs:
             cfg = bench_config(args, data_dir, base.ray.storage_path, args.compare if label.startswith("Ray Train +") else [])
             summary = run_bare(cfg) if label == "bare loop" else run_ray(cfg, workers)
+            keep_traces(Path(base.ray.storage_path), Path(args.json), label, workers)
             report["rows"].append(figures(label, summary, base, workers, args.warmup, peak))
             add_ratios(report["rows"])
             # Each finished run is kept at once: a run cut short (a time limit, a crash) loses only itself.

@@ -269,6 +269,21 @@ def test_bench_reports_both_mfu_counts(embedded_data, tmp_path, capsys):
     assert "| MFU nanoGPT | MFU matmul |" in printed and f"| {row['mfu']:.1%} | {row['mfu_matmul']:.1%} |" in printed
 
 
+def test_bench_keeps_the_traces_and_leaves_the_traced_steps_out(embedded_data, tmp_path, capsys):
+    from raypipe.bench import main as bench_main
+
+    cfg = tiny_config(embedded_data, tmp_path / "unused")
+    config_file, out = tmp_path / "tiny.yaml", tmp_path / "bench.json"
+    config_file.write_text(yaml.safe_dump(cfg.to_dict()))
+    argv = ["--config", str(config_file), "--data", str(embedded_data), "--steps", "4", "--warmup", "1", "--json", str(out),
+            "--set", "train.profile_from=3", "--set", "train.profile_steps=2"]
+    assert bench_main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["steps"] == 2  # steps 2-5 timed, 3 and 4 traced
+    assert [p.name for p in (tmp_path / "bench-traces").iterdir()] == ["bare-loop-1-profile-steps-3-4-rank0.json.gz"]
+    assert f"traces: {tmp_path / 'bench-traces'}/bare-loop-1-*" in capsys.readouterr().out
+
+
 def test_launch_is_the_process_start():
     """What `python -m raypipe.train` counts start-up from: when its process started, not when it got going."""
     import subprocess
