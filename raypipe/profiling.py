@@ -63,9 +63,12 @@ def summary(events, steps: int, device_type: str) -> str:
     return " | ".join(parts)
 
 
-def _barrier() -> None:
+def _barrier(device: torch.device) -> None:
+    """The ranks meet, host and device: an NCCL barrier alone only makes the GPU's stream wait."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
 
 class StepProfiler:
@@ -91,14 +94,14 @@ class StepProfiler:
             activity = ProfilerActivity.CUDA if self.device.type == "cuda" else ProfilerActivity.CPU
             self.profiler = torch.profiler.profile(activities=[activity])
             self.profiler.start()
-            _barrier()  # the ranks' profilers take their own time to start: the first step's collectives would wait
+            _barrier(self.device)  # the ranks' profilers take their own time to start: the first step's collectives would wait
         yield
         if step == self.last and self.profiler is not None:
             self._sync()
             self.profiler.stop()
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.profiler.export_chrome_trace(str(self.path))
-            _barrier()  # nor may one rank's export be timed as another's next step
+            _barrier(self.device)  # nor may one rank's export be timed as another's next step
             self.log(f"[raypipe] profile of steps {self.first}-{self.last}: "
                      f"{summary(self.profiler.events(), self.last - self.first + 1, self.device.type)} | "
                      f"trace {self.path}")

@@ -4,7 +4,11 @@ Reading a GPU value on the host (`.item()`, `float()`) waits for every kernel qu
 GPU then idles while the host queues the clip, the update and the next step's first kernels (about
 5 ms of a 310 ms step on an H100, BENCHMARKS.md). So a step's figures stay on the device, a
 non-finite step's update is skipped there (`optim.step_unless`), and the host reads step N's figures
-once step N+1 is queued, or at once on a step that reports. Ray is not imported here.
+once step N+1 is queued, or at once on a step that reports. On a GPU the figures are copied into pinned
+host memory as the step ends, and the host waits for that copy's event: reading them with a `.tolist()`
+at settle time would queue the transfer behind step N+1's kernels and wait for those too, so the GPU ran
+dry at every step while the host queued the next one (2 ms a step on two H200s, BENCHMARKS.md). Ray is
+not imported here.
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ class StepResults:
 
     def __init__(self, state, max_nonfinite_steps: int, log: Callable[[str], None]):
         self.state, self.max_nonfinite_steps, self.log = state, max_nonfinite_steps, log
-        self.pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, [loss, norm, skipped]), oldest first
+        # (step, lr, [loss, norm, skipped], the copy's event or None), oldest first; on a GPU the figures' host copy
+        self.pending: list[tuple[int, float, torch.Tensor, Optional[torch.cuda.Event]]] = []
         self.streak = 0  # non-finite steps in a row
         self.last: Optional[StepResult] = None  # the newest settled step
 
     def add(self, step: int, lr: float, loss: torch.Tensor, grad_norm: torch.Tensor, skipped: torch.Tensor) -> None:
-        self.pending.append((step, lr, torch.stack([loss.float(), grad_norm.float(), skipped.float()])))
+        figures, copied = torch.stack([loss.float(), grad_norm.float(), skipped.float()]), None
+        if figures.is_cuda:  # copied as the step ends, in its place on the stream
+            figures, copied = figures.to("cpu", non_blocking=True), torch.cuda.Event()
+            copied.record()
+        self.pending.append((step, lr, figures, copied))
 
     def settle(self, keep_newest: bool = False) -> Optional[StepResult]:
         """Read the pending steps, oldest first (with `keep_newest`, all but the one added last: reading
@@ -46,8 +55,11 @@ class StepResults:
         if not todo:
             return self.last
         self.pending = self.pending[len(todo):]
-        values = torch.stack([figures for _, _, figures in todo]).tolist()  # the one host sync
-        for (step, lr, _), (loss, grad_norm, skipped) in zip(todo, values):
+        for *_, copied in todo:
+            if copied is not None:
+                copied.synchronize()  # the end of that step, not of everything queued since
+        values = [figures.tolist() for _, _, figures, _ in todo]
+        for (step, lr, _, _), (loss, grad_norm, skipped) in zip(todo, values):
             self.state.step_losses.append(loss)
             self.last = StepResult(step, lr, loss, grad_norm)
             if not skipped:

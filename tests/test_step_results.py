@@ -99,3 +99,24 @@ def test_gpu_step_times_are_the_gpus_even_when_the_host_runs_ahead():
     assert sum(clock.step_times) == pytest.approx(wall, rel=0.1)
     times = clock.step_times
     assert times[2] == pytest.approx(2 * times[0], rel=0.15) and times[1] == pytest.approx(times[0], rel=0.15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_reading_a_step_does_not_wait_for_the_steps_queued_after_it():
+    state = RunState(world_size=1, run_name="reads")
+    results = StepResults(state, max_nonfinite_steps=3, log=lambda _: None)
+    device = torch.device("cuda")
+    torch.cuda._sleep(1000)
+    torch.cuda.synchronize()
+    for step, cycles in ((1, 2_000_000), (2, 400_000_000)):  # ~1 ms, then ~200 ms of GPU time
+        torch.cuda._sleep(cycles)
+        loss = torch.full((), float(step), device=device)
+        results.add(step, 1e-3, loss, loss * 10, torch.zeros((), dtype=torch.bool, device=device))
+    start = time.perf_counter()
+    settled = results.settle(keep_newest=True)
+    waited = time.perf_counter() - start
+    assert (settled.step, settled.loss, settled.grad_norm) == (1, 1.0, 10.0)
+    still_running = not torch.cuda.current_stream().query()
+    assert waited < 0.05 and still_running  # step 2 was still on the GPU: the read did not wait for it
+    assert results.settle().loss == 2.0 and state.step_losses == [1.0, 2.0]
