@@ -376,12 +376,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     phases = {name: at - launch for name, at in env.startup_marks.items()} if env.launch_time else {}  # where it went
     log(f"[raypipe] first step {startup_s:.1f} s after launch"
         + (f" ({', '.join(f'{name} at {s:.1f} s' for name, s in phases.items())})" if phases else ""))
-    traced_from = t.profile_from if t.profile_from is not None and first_step <= t.profile_from <= last_step else None
-    if t.profile_from is not None and traced_from is None:  # e.g. a resume past it
-        log(f"[raypipe] train.profile_from {t.profile_from} is outside this session's steps "
-            f"{first_step}-{last_step}: nothing is traced")
-    profiler = StepProfiler(traced_from, min(t.profile_steps, last_step - (traced_from or 0) + 1), env.out_dir,
-                            env.rank, device, log)
+    profiler = StepProfiler(t.profile_from, t.profile_steps, (first_step, last_step), env.out_dir, env.rank, device, log)
     try:
         with watch:
             for step in range(first_step, last_step + 1):

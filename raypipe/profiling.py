@@ -72,11 +72,16 @@ def _barrier(device: torch.device) -> None:
 
 
 class StepProfiler:
-    """Traces optimizer steps first .. first + count - 1 (none when `first` is None) into `directory`."""
+    """Traces optimizer steps first .. first + count - 1 into `directory`, those of this session's `steps`
+    (first, last); none when `first` is None or outside them (e.g. a resume past it), which is said."""
 
-    def __init__(self, first: Optional[int], count: int, directory: Path, rank: int, device: torch.device,
-                 log: Callable[[str], None]):
-        self.first, self.last = first, (first + count - 1) if first is not None else None
+    def __init__(self, first: Optional[int], count: int, steps: tuple[int, int], directory: Path, rank: int,
+                 device: torch.device, log: Callable[[str], None]):
+        if first is not None and not steps[0] <= first <= steps[1]:
+            log(f"[raypipe] train.profile_from {first} is outside this session's steps {steps[0]}-{steps[1]}: "
+                "nothing is traced")
+            first = None
+        self.first, self.last = first, (min(first + count, steps[1] + 1) - 1) if first is not None else None
         self.path = directory / f"profile-steps-{first}-{self.last}-rank{rank}.json.gz"
         self.device, self.log, self.profiler = device, log, None
 

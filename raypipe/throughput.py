@@ -196,7 +196,7 @@ class StepClock:
         return [first_step + i for i, c in enumerate(self.compiled) if c]
 
     def traced_steps(self, first_step: int) -> list[int]:
-        return [first_step + i for i, (c, t) in enumerate(zip(self.compiled, self.traced)) if t and not c]
+        return [first_step + i for i, t in enumerate(self.traced) if t]
 
 
 def _recorded_event(device: torch.device) -> torch.cuda.Event:
