@@ -10,7 +10,9 @@ writes it as JSON (`--json`).
 Figures count only the steps after `--warmup` (compilation, allocator warm-up):
 - tokens/s over all workers, and per device;
 - MFU = tokens/s x FLOPs per token / (devices x peak), against the peak dense matmul rate measured
-  here on the spot (bf16 on a GPU, fp32 on a CPU), by two counts of FLOPs per token: nanoGPT's
+  here on the spot (bf16 on a GPU, fp32 on a CPU; or `train.peak_flops` where the config sets it),
+  which every run is given as its `train.peak_flops`, so that its live lines divide by the same peak,
+  by two counts of FLOPs per token: nanoGPT's
   (`model.flops_per_token`: 6N + 12 L H Q T, N every parameter, the input embedding's too) and the
   matmul-only count (`model.matmul_flops_per_token`: the input embedding is a lookup, not a matmul; a
   tied output head counts its matmul);
@@ -46,7 +48,7 @@ from .config import Config, ConfigError, load_config
 from .data import dtype_for_vocab, read_meta, write_dataset
 from .errors import UserError
 from .model import flops_per_token, matmul_flops_per_token
-from .throughput import measure_peak_flops
+from .throughput import format_flops, measure_peak_flops
 
 MFU_COUNTS = {"mfu": "nanoGPT's count: 6N + 12 L H Q T, N every parameter (the input embedding's too)",
               "mfu_matmul": "matmul-only count: 6 x the weights that multiply (no input embedding; a tied head "
@@ -96,6 +98,7 @@ def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, p
         "mfu_matmul": tokens_per_s * matmul_flops / (workers * peak),
         "step_ms": 1000 * statistics.median(times), "peak_gpu_memory_gb": summary["peak_gpu_memory_gb"],
         "data_wait_frac": sum(waits) / sum(times), "cpu_threads": summary["cpu_threads"],
+        "live_peak_flops": summary["peak_flops"],  # what the run's own progress lines divided by
     }
 
 
@@ -169,8 +172,8 @@ def add_ratios(rows: list[dict]) -> None:
             r["scaling_efficiency"] = r["tokens_per_s"] / (r["workers"] * one["tokens_per_s"])
 
 
-def table(rows: list[dict], peak: float, device: str) -> str:
-    lines = [f"device: {device} | measured peak: {peak / 1e12:,.1f} TFLOP/s | MFU against it: "
+def table(rows: list[dict], peak: float, peak_source: str, device: str) -> str:
+    lines = [f"device: {device} | peak ({peak_source}): {format_flops(peak)} | MFU against it: "
              f"nanoGPT = {MFU_COUNTS['mfu']}; matmul = {MFU_COUNTS['mfu_matmul']}",
              "| run | workers | tokens/s | tokens/s per device | MFU nanoGPT | MFU matmul | step ms | peak GPU GB | data wait "
              "| vs bare | scaling |",
@@ -221,8 +224,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        peak = measure_peak_flops(device)
-        report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "mfu_counts": MFU_COUNTS,
+        peak = base.train.peak_flops or measure_peak_flops(device)
+        peak_source = "train.peak_flops" if base.train.peak_flops else "measured"
+        report = {"device": device_name, "torch": torch.__version__, "peak_flops": peak, "peak_flops_source": peak_source,
+                  "mfu_counts": MFU_COUNTS,
                   "config": args.config,
                   "overrides": args.overrides, "warmup_steps": args.warmup, "rows": [],
                   "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -231,14 +236,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             runs += [(f"Ray Train + {' '.join(args.compare)}", n) for n in args.workers if args.ray and n > 1]
         for label, workers in runs:
             cfg = bench_config(args, data_dir, base.ray.storage_path, args.compare if label.startswith("Ray Train +") else [])
+            cfg.train.peak_flops = peak  # the runs' live MFU lines divide by the table's peak
             summary = run_bare(cfg) if label == "bare loop" else run_ray(cfg, workers)
             keep_traces(Path(base.ray.storage_path), Path(args.json), label, workers)
             report["rows"].append(figures(label, summary, base, workers, args.warmup, peak))
             add_ratios(report["rows"])
             # Each finished run is kept at once: a run cut short (a time limit, a crash) loses only itself.
             Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
-            print(table(report["rows"][-1:], peak, device_name), flush=True)
-    print(table(report["rows"], peak, device_name))
+            print(table(report["rows"][-1:], peak, peak_source, device_name), flush=True)
+    print(table(report["rows"], peak, peak_source, device_name))
     print(f"written: {args.json}")
     return 0
 

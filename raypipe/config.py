@@ -130,6 +130,10 @@ class TrainConfig:
     # CPU its operations): one Chrome trace per rank beside the run's W&B files, and a summary line; None: no trace
     profile_from: Optional[int] = None
     profile_steps: int = 2  # steps traced from train.profile_from (left out of tokens/s and MFU)
+    # the dense matmul FLOP/s of one device that MFU divides by; None: measured by rank 0 at its start (a burst
+    # of bf16 matmuls on a GPU), which varies by a few percent between processes; a number (a datasheet's, or
+    # one measured before) makes MFU comparable between runs
+    peak_flops: Optional[float] = None
     seed: int = 1337  # the random seed: initial weights and each rank's batch draws
     # a resume may run on another ray.num_workers than the checkpoint's (same tokens per step): each worker
     # then draws a new batch stream, so the run no longer repeats an uninterrupted one batch for batch

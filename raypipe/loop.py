@@ -35,7 +35,7 @@ from .peer_copies import shard_transport
 from .provenance import code_version
 from .sharded_adamw import ShardedAdamW
 from .step_results import StepResults
-from .throughput import CompileWatch, Figures, StepClock, measure_peak_flops, progress_line
+from .throughput import CompileWatch, Figures, StepClock, format_flops, measure_peak_flops, progress_line
 from .tokenizer import TextTokenizer
 from .tracking import Tracker
 
@@ -305,10 +305,10 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
         cfg.model.vocab_size = meta["vocab_size"]
     master = env.rank == 0
     log = env.log if master else (lambda line: None)
-    # The peak the MFU figures divide by, measured while this GPU is idle, before the model exists: once steps
-    # have heated it, the same measurement runs at lower clocks, and the live MFU read about 8% above what
-    # `raypipe.bench` (which measures before Ray starts) reported for the same run.
-    peak_flops = measure_peak_flops(device) if master else None
+    # The peak the MFU figures divide by: train.peak_flops, or measured while this GPU is idle, before the model
+    # exists (once steps have heated it, the same measurement runs at lower clocks, and the live MFU read about
+    # 8% above what `raypipe.bench`, which measures before Ray starts, reported for the same run).
+    peak_flops = (t.peak_flops or measure_peak_flops(device)) if master else None
 
     # Model: same initial weights on every rank (DDP and ZeRO-1 also broadcast rank 0's), drawn where it
     # trains: on a GPU that is milliseconds, against 1.7 s for the recipe's 165M weights on a CPU.
@@ -366,6 +366,9 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
     log(f"[raypipe] {raw_model.num_params():,} parameters | {env.world_size} worker(s) on {device.type} | "
         f"{dtype} | {tokens_per_step:,} tokens/step | {t.max_steps} steps = "
         f"{tokens_per_step * t.max_steps:,} tokens | W&B {tracker.mode}")
+    if peak_flops:
+        log(f"[raypipe] MFU against {format_flops(peak_flops)} per device ("
+            + ("train.peak_flops)" if t.peak_flops else "measured at the start; train.peak_flops fixes it)"))
     if resume is not None:
         log(f"[raypipe] resumed from {resume.path.name} at step {state.step} (restart {state.restarts})")
 

@@ -48,6 +48,11 @@ def _measure_peak_flops(device: torch.device) -> float:
     return 2 * n**3 * iters / best
 
 
+def format_flops(flops_per_s: float) -> str:
+    """783.7 TFLOP/s on a GPU, 316 GFLOP/s on a CPU."""
+    return f"{flops_per_s / 1e12:,.1f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:,.0f} GFLOP/s"
+
+
 class CompileWatch:
     """Counts Dynamo's compilations and adds up their time while installed (`with watch:`).
 
@@ -107,7 +112,7 @@ class Figures:
     seconds: float  # their wall time, summed
     data_wait_s: float  # host time they waited for batches
     tokens_per_sec: Optional[float]
-    mfu: Optional[float]  # nanoGPT's count of FLOPs per token against the measured peak
+    mfu: Optional[float]  # nanoGPT's count of FLOPs per token against the peak (measured, or train.peak_flops)
     traced: int = 0  # steps left out because the profiler traced them (train.profile_from)
 
     def speed(self) -> str:

@@ -7,6 +7,7 @@ import yaml
 
 from helpers import tiny_config
 from raypipe.bench import main
+from raypipe.throughput import format_flops
 
 
 def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
@@ -25,11 +26,14 @@ def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["step_ms"] > 0
         assert 0 <= row["data_wait_frac"] < 1
     assert ray_one["vs_bare"] == ray_one["tokens_per_s"] / bare["tokens_per_s"]
-    assert report["peak_flops"] > 0
+    assert report["peak_flops"] > 0 and report["peak_flops_source"] == "measured"
+    # Every run, under Ray too, is given the table's peak: its live MFU lines divide by the same figure.
+    assert bare["live_peak_flops"] == ray_one["live_peak_flops"] == report["peak_flops"]
     assert bare["cpu_threads"] == ray_one["cpu_threads"] == 1  # the bare loop gets a worker's ray.cpus_per_worker
     assert torch.get_num_threads() == threads  # and this process's own afterwards
     printed = capsys.readouterr().out
     assert f"| Ray Train | 1 | {ray_one['tokens_per_s']:,.0f} |" in printed
+    assert f"MFU against {format_flops(report['peak_flops'])} per device (train.peak_flops)" in printed  # the bare run's line
 
 
 def test_bench_refuses_a_worker_count_that_splits_the_batch_unevenly(embedded_data, tmp_path, capsys):

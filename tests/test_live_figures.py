@@ -100,6 +100,8 @@ def test_progress_line_wandb_and_summary_use_interval_figures(embedded_data, tmp
     first = [line for line in lines if "first step" in line]
     assert len(first) == 1 and 3.0 <= float(re.search(r"first step ([\d.]+) s", first[0]).group(1)) < 60
     assert not any("compil" in line for line in lines)  # train.compile is off
+    assert any(re.fullmatch(r"\[raypipe\] MFU against [\d,.]+ [GT]FLOP/s per device \(measured at the start; "
+                            r"train.peak_flops fixes it\)", line) for line in lines)
 
     times, tokens_per_step = summary["step_times_s"], 8 * 32 * 2
     assert summary["compiled_steps"] == [] and summary["compile_s"] == 0.0
@@ -130,6 +132,21 @@ def test_reporting_leaves_the_loss_curve_bit_identical(embedded_data, tmp_path):
                                        report=lambda m, c, seen=step_losses: c and seen.append(load_state(c)["step_losses"])))
         curves.append((step_losses[-1], [(h["train_loss"], h["val_loss"], h["grad_norm"]) for h in summary["history"]]))
     assert len(curves[0][0]) == 12 and curves[0] == curves[1]  # every step's loss, exactly
+
+
+def test_a_given_peak_is_what_mfu_divides_by(embedded_data, tmp_path):
+    cfg = tiny_run(embedded_data, tmp_path, max_steps=4, log_interval=2, peak_flops=3e9)
+    cfg.wandb.mode = "disabled"
+    lines = []
+    summary = train(cfg, WorkerEnv(log=lines.append))
+    assert "[raypipe] MFU against 3 GFLOP/s per device (train.peak_flops)" in lines
+    assert summary["peak_flops"] == 3e9
+    assert summary["mfu"] == pytest.approx(summary["tokens_per_sec"] * summary["flops_per_token"] / 3e9)
+    for h in summary["history"]:
+        assert h["mfu"] == pytest.approx(h["tokens_per_sec"] * summary["flops_per_token"] / 3e9)
+    for bad in ("0", "-1e12", ".nan", ".inf"):
+        with pytest.raises(ConfigError, match=r"'train.peak_flops' = .*: must be a finite number"):
+            load_config(None, [f"train.peak_flops={bad}"])
 
 
 def test_profile_traces_the_chosen_steps_and_leaves_the_run_alone(embedded_data, tmp_path):
