@@ -99,6 +99,7 @@ def figures(label: str, summary: dict, cfg: Config, workers: int, warmup: int, p
         "step_ms": 1000 * statistics.median(times), "peak_gpu_memory_gb": summary["peak_gpu_memory_gb"],
         "data_wait_frac": sum(waits) / sum(times), "cpu_threads": summary["cpu_threads"],
         "live_peak_flops": summary["peak_flops"],  # what the run's own progress lines divided by
+        "step_times_ms": [1000 * t for t in times],  # the counted steps, in order: a mean and a median can differ
     }
 
 

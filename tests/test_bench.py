@@ -1,7 +1,9 @@
 """`python -m raypipe.bench` on CPU: the bare loop and one Ray worker, figures read back from its JSON."""
 
 import json
+import statistics
 
+import pytest
 import torch
 import yaml
 
@@ -25,6 +27,8 @@ def test_bench_bare_and_ray_rows(ray_cluster, embedded_data, tmp_path, capsys):
         assert row["steps"] == 4 and row["workers"] == 1
         assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["step_ms"] > 0
         assert 0 <= row["data_wait_frac"] < 1
+        assert len(row["step_times_ms"]) == 4 and row["step_ms"] == statistics.median(row["step_times_ms"])
+        assert row["tokens_per_s"] == pytest.approx(8 * 2 * 32 * 4 / (sum(row["step_times_ms"]) / 1000))
     assert ray_one["vs_bare"] == ray_one["tokens_per_s"] / bare["tokens_per_s"]
     assert report["peak_flops"] > 0 and report["peak_flops_source"] == "measured"
     # Every run, under Ray too, is given the table's peak: its live MFU lines divide by the same figure.

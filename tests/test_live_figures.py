@@ -134,6 +134,19 @@ def test_reporting_leaves_the_loss_curve_bit_identical(embedded_data, tmp_path):
     assert len(curves[0][0]) == 12 and curves[0] == curves[1]  # every step's loss, exactly
 
 
+def test_the_heap_is_frozen_while_training_and_released_after(embedded_data, tmp_path):
+    import gc
+
+    cfg = tiny_run(embedded_data, tmp_path, max_steps=4, log_interval=2)
+    cfg.wandb.mode = "disabled"
+    assert gc.get_freeze_count() == 0
+    frozen = []
+    train(cfg, WorkerEnv(log=lambda _: None, report=lambda metrics, checkpoint: frozen.append(gc.get_freeze_count())))
+    # torch, the model and the loop's objects: out of the collector's full passes while steps run
+    assert frozen and all(count > 10_000 for count in frozen)
+    assert gc.get_freeze_count() == 0  # handed back to the collector when train() returns
+
+
 def test_a_given_peak_is_what_mfu_divides_by(embedded_data, tmp_path):
     cfg = tiny_run(embedded_data, tmp_path, max_steps=4, log_interval=2, peak_flops=3e9)
     cfg.wandb.mode = "disabled"
