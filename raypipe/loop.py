@@ -418,7 +418,7 @@ def train(cfg: Config, env: WorkerEnv, resume: Optional[Resume] = None) -> dict:
 def freeze_heap() -> None:
     """Collect once, then keep every object alive now (torch, Inductor's compiled graphs, the model) out of
     Python's cyclic garbage collector (gc.freeze). A full collection of that heap took 200-290 ms; one that
-    fell between the first steps stalled the GPU (a 30-step benchmark read 6% slow), and with several
+    fell between the first steps stalled the GPU (a 30-step benchmark read 2-3% slow), and with several
     workers one rank's pause holds every rank at the next collective. Run right after a step is queued,
     the collection overlaps that step on a GPU."""
     gc.collect()
