@@ -136,7 +136,7 @@ def validate(cfg, origin: str = "config") -> None:
     if t.profile_from is not None and not 0 < t.profile_from <= t.max_steps:
         fail("train.profile_from", t.profile_from, f"must be between 1 and train.max_steps ({t.max_steps}), or null "
              "(no profile); steps that compile make a poor profile: start after the first few")
-    if t.peak_flops is not None and not 0 < t.peak_flops < math.inf:
+    if t.peak_flops is not None and t.peak_flops <= 0:  # NaN and inf: refused above, as for every float key
         fail("train.peak_flops", t.peak_flops, "must be a finite number greater than 0 (one device's dense matmul FLOP/s, "
              "for example 989e12 for an H100 SXM's bf16), or null to measure it")
     if t.checkpoint_interval is not None and (t.checkpoint_interval <= 0 or t.checkpoint_interval % t.eval_interval):
